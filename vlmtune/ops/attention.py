@@ -1,0 +1,193 @@
+"""One attention entry point for packed (variable-length) sequences.
+
+Every attention call in vlmtune, the decoder's causal MLA and MoonViT's non-causal per-image attention, goes through
+:func:`varlen_attention`. The packed layout is the flash-attn one::
+
+    tokens      a0 a1 a2 | b0 b1 | c0 c1 c2 c3        q, k, v: (N, H, Dh), N = 9
+    cu_seqlens  0        3       5             9      (S+1,) int32, S = 3 segments
+    attention   block-diagonal (and causal inside a block when causal=True): b0 never sees a2.
+
+Backends (chosen explicitly; ``auto`` resolves once and the choice is logged):
+
+* ``flash_attn``   the flash-attn package's ``flash_attn_varlen_func`` (CUDA only, optional ``[gpu]`` extra).
+* ``torch_varlen`` PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (flash kernels on CUDA, no extra package).
+* ``sdpa_varlen``  exact per-segment ``scaled_dot_product_attention``: memory O(sum L_i^2); CPU and GPU, fwd and bwd.
+* ``sdpa_masked``  one dense SDPA with an (N, N) block-diagonal mask. O(N^2) memory: a reference for tests only.
+
+``auto`` = flash_attn on CUDA when installed, else torch_varlen on CUDA, else sdpa_varlen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa_varlen", "sdpa_masked")
+_LOGGED: set[str] = set()
+
+
+class AttentionBackendError(RuntimeError):
+    """A requested attention backend cannot run here (missing package, wrong device)."""
+
+
+def flash_attn_available() -> bool:
+    """True when the flash-attn package is importable (it is never imported at module load)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """Turn a recipe's attention choice into a concrete backend for ``device``; errors, never silently falls back.
+
+    Args:
+        name: one of ``auto`` or :data:`BACKENDS`.
+        device: where the attention will run.
+
+    Returns:
+        The backend name. ``auto`` is logged once with the reason of the choice.
+    """
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            chosen = "flash_attn" if flash_attn_available() else "torch_varlen"
+        else:
+            chosen = "sdpa_varlen"
+        if chosen not in _LOGGED:
+            logger.info("attention backend: auto -> %s (device %s, flash-attn installed: %s)",
+                        chosen, device.type, flash_attn_available())
+            _LOGGED.add(chosen)
+        return chosen
+    if name not in BACKENDS:
+        raise AttentionBackendError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if name == "flash_attn":
+        if device.type != "cuda":
+            raise AttentionBackendError("attention backend flash_attn needs CUDA; use sdpa_varlen on CPU (or auto)")
+        if not flash_attn_available():
+            raise AttentionBackendError(
+                "attention backend flash_attn requested but the flash-attn package is not installed: "
+                "`pip install vlmtune[gpu]`, or set model.attention=torch_varlen (PyTorch's own varlen flash kernels)")
+    if name == "torch_varlen" and device.type != "cuda":
+        raise AttentionBackendError("attention backend torch_varlen needs CUDA; use sdpa_varlen on CPU (or auto)")
+    return name
+
+
+def _sdpa_dtype(x: torch.Tensor) -> torch.dtype:
+    # Low-precision softmax on CPU is slow and inexact: compute in at least fp32 there (casts only go up).
+    if x.device.type == "cpu":
+        return torch.promote_types(x.dtype, torch.float32)
+    return x.dtype
+
+
+def _sdpa_varlen(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> torch.Tensor:
+    out_dtype = v.dtype
+    dt = _sdpa_dtype(q)
+    bounds_q = cu_q.tolist()
+    bounds_k = bounds_q if cu_k is cu_q else cu_k.tolist()
+    outs = []
+    for i in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
+        if q1 == q0:
+            continue
+        qi = q[q0:q1].transpose(0, 1).to(dt)  # (H, L, Dh)
+        ki = k[k0:k1].transpose(0, 1).to(dt)  # (H, L, Dh)
+        vi = v[k0:k1].transpose(0, 1).to(dt)  # (H, L, Dv)
+        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale)  # (H, L, Dv)
+        outs.append(oi.transpose(0, 1))  # (L, H, Dv)
+    if not outs:
+        return v.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    return torch.cat(outs, dim=0).to(out_dtype)  # (N, H, Dv)
+
+
+def block_diagonal_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool, device: torch.device) -> torch.Tensor:
+    """(Nq, Nk) boolean mask, True where a query may attend a key (same segment, and causal when asked)."""
+    nq, nk = int(cu_q[-1]), int(cu_k[-1])
+    seg_q = torch.bucketize(torch.arange(nq, device=device), cu_q[1:].to(device), right=True)  # (Nq,)
+    seg_k = torch.bucketize(torch.arange(nk, device=device), cu_k[1:].to(device), right=True)  # (Nk,)
+    mask = seg_q[:, None] == seg_k[None, :]
+    if causal:
+        pos_q = torch.arange(nq, device=device) - cu_q.to(device)[seg_q]
+        pos_k = torch.arange(nk, device=device) - cu_k.to(device)[seg_k]
+        mask = mask & (pos_k[None, :] <= pos_q[:, None])
+    return mask
+
+
+def _sdpa_masked(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> torch.Tensor:
+    dt = _sdpa_dtype(q)
+    mask = block_diagonal_mask(cu_q, cu_k, causal, q.device)  # (N, N)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).to(dt)[None], k.transpose(0, 1).to(dt)[None], v.transpose(0, 1).to(dt)[None],
+        attn_mask=mask[None, None], scale=scale)  # (1, H, N, Dv)
+    return out[0].transpose(0, 1).to(v.dtype)  # (N, H, Dv)
+
+
+def _pad_v(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, int]:
+    # MLA: q/k head dim 192, v head dim 128. Flash kernels want one head dim: pad v with zeros, slice the output.
+    dv = v.shape[-1]
+    if dv == q.shape[-1]:
+        return v, dv
+    if dv > q.shape[-1]:
+        raise AttentionBackendError(f"v head dim {dv} larger than q/k head dim {q.shape[-1]} is not supported")
+    return F.pad(v, (0, q.shape[-1] - dv)), dv
+
+
+def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func  # lazy: optional [gpu] extra
+
+    vp, dv = _pad_v(q, v)
+    out = flash_attn_varlen_func(q, k, vp, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+                                 softmax_scale=scale, causal=causal)
+    return out[..., :dv]
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    vp, dv = _pad_v(q, v)
+    out = varlen_attn(q, k, vp, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, scale=scale,
+                      window_size=(-1, 0) if causal else (-1, -1))
+    return out[..., :dv]
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    backend: str = "sdpa_varlen",
+) -> torch.Tensor:
+    """Attention over packed segments; no token ever attends outside its segment.
+
+    Args:
+        q: (N, H, Dh) queries. k: (N, H, Dh) keys. v: (N, H, Dv) values (Dv may be smaller than Dh, as in MLA).
+        cu_seqlens_q, cu_seqlens_k: (S+1,) int32 segment boundaries (equal for self-attention).
+        max_seqlen_q, max_seqlen_k: host ints, the longest segment (no device sync needed to read them).
+        causal: causal inside each segment (decoder) or full (vision tower).
+        softmax_scale: the logit scale.
+        backend: a concrete backend name (see :func:`resolve_backend`).
+
+    Returns:
+        (N, H, Dv) attention output in v's dtype.
+    """
+    if backend == "auto":
+        backend = resolve_backend("auto", q.device)
+    fn: Callable | None = {
+        "sdpa_varlen": lambda: _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale),
+        "sdpa_masked": lambda: _sdpa_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale),
+        "flash_attn": lambda: _flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          causal, softmax_scale),
+        "torch_varlen": lambda: _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              causal, softmax_scale),
+    }.get(backend)
+    if fn is None:
+        raise AttentionBackendError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return fn()
