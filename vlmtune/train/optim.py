@@ -1,0 +1,92 @@
+"""Freezing, per-part learning rates and weight-decay groups.
+
+Parts are the three boxes of the model (``vision_tower``, ``multi_modal_projector``, ``language_model``) plus the
+MoE ``router`` (``...mlp.gate.weight``). Each trainable parameter lands in exactly one group keyed by (part, decay):
+no weight decay on norms, biases, the position table and the router bias; the router bias is never trainable (it is
+an aux-loss-free balancing term updated by a sign rule outside the optimizer).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+_ROUTER = re.compile(r"(^|\.)mlp\.gate\.weight$")
+_NO_DECAY = re.compile(r"(norm|bias$|pos_emb\.weight$|e_score_correction_bias$)")
+
+
+def part_of(name: str) -> str:
+    """Which part a parameter name belongs to (works through peft/DeepSpeed prefixes)."""
+    if _ROUTER.search(name):
+        return "router"
+    for part in PARTS:
+        if name.startswith(part + ".") or f".{part}." in name:
+            return part
+    raise ValueError(f"parameter {name} belongs to no known part ({', '.join(PARTS)})")
+
+
+def apply_freeze(model: nn.Module, *, vision_tower: bool = False, projector: bool = False, decoder: bool = False,
+                 router: bool = False) -> dict[str, int]:
+    """Set requires_grad=False on the frozen parts. Returns trainable parameter counts per part after freezing."""
+    frozen = {"vision_tower": vision_tower, "multi_modal_projector": projector, "language_model": decoder,
+              "router": router or decoder}
+    counts = dict.fromkeys((*PARTS, "router"), 0)
+    for name, p in model.named_parameters():
+        if name.endswith("e_score_correction_bias"):
+            p.requires_grad_(False)
+            continue
+        part = part_of(name)
+        if frozen[part]:
+            p.requires_grad_(False)
+        if p.requires_grad:
+            counts[part] += p.numel()
+    return counts
+
+
+@dataclass
+class GroupSpec:
+    part: str
+    decay: bool
+    lr: float
+    weight_decay: float
+
+
+def build_param_groups(model: nn.Module, *, lr: float, weight_decay: float,
+                       part_lr: dict[str, float | None] | None = None) -> list[dict]:
+    """AdamW param groups: one per (part, decay) with a trainable parameter.
+
+    Args:
+        lr: the default peak learning rate. weight_decay: applied to matrices only.
+        part_lr: absolute peak LR per part (``vision_tower``, ``multi_modal_projector``, ``language_model``,
+            ``router``); None or missing = ``lr``.
+
+    Returns:
+        groups with keys params, lr, base_lr, weight_decay, name (e.g. ``vision_tower/decay``).
+    """
+    part_lr = part_lr or {}
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = part_of(name)
+        decay = p.dim() >= 2 and not _NO_DECAY.search(name)
+        buckets.setdefault((part, decay), []).append(p)
+    groups = []
+    for (part, decay), params in sorted(buckets.items()):
+        group_lr = part_lr.get(part) or lr
+        groups.append({"params": params, "lr": group_lr, "base_lr": group_lr,
+                       "weight_decay": weight_decay if decay else 0.0,
+                       "name": f"{part}/{'decay' if decay else 'no_decay'}"})
+    if not groups:
+        raise ValueError("no trainable parameters: every part is frozen (check model.freeze and model.lora)")
+    return groups
+
+
+def make_optimizer(groups: list[dict], *, betas: tuple[float, float] = (0.9, 0.95),
+                   eps: float = 1e-8) -> torch.optim.Optimizer:
+    """torch's AdamW (no DeepSpeed op build needed; works on CPU and with ZeRO offload)."""
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=False)
