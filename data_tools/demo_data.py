@@ -63,7 +63,17 @@ DEFAULT_EVAL_SAMPLES = 120
 # Image geometry: every side lies in [MIN_SIDE, MAX_SIDE]; aspect ratios are width:height.
 MIN_SIDE = 56
 MAX_SIDE = 900
-ASPECT_RATIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (2, 1), (1, 2))
+ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
+    (1, 1),
+    (4, 3),
+    (3, 4),
+    (3, 2),
+    (2, 3),
+    (16, 9),
+    (9, 16),
+    (2, 1),
+    (1, 2),
+)
 # The shape's bounding square is this fraction of the image's short side (the brief asks >= 0.35).
 SHAPE_FRACTION = (0.45, 0.8)
 
@@ -175,7 +185,9 @@ def _jitter(rgb: tuple[int, int, int], amount: int, rng: random.Random) -> tuple
     return (r, g, b)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, size: tuple[int, int], shape: str, fill: Any, rng: random.Random) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, size: tuple[int, int], shape: str, fill: Any, rng: random.Random
+) -> None:
     """Draw a large axis-aligned shape fully inside the image (no anti-aliasing: pixels are exact colours)."""
     w, h = size
     side = round(min(w, h) * rng.uniform(*SHAPE_FRACTION))
@@ -392,7 +404,11 @@ def _build_metadata(
             k.name: {"images": k.images, "turns": list(k.turns), "weight": k.weight} for k in KINDS
         },
         "qtypes": {
-            q: {"template": QUESTION_TEMPLATES[q], "answers": ANSWER_SETS[q], "needs_image": QTYPE_NEEDS_IMAGE[q]}
+            q: {
+                "template": QUESTION_TEMPLATES[q],
+                "answers": ANSWER_SETS[q],
+                "needs_image": QTYPE_NEEDS_IMAGE[q],
+            }
             for q in ANSWER_SETS
         },
         "question_templates": QUESTION_TEMPLATES,
@@ -493,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="train samples")
-    parser.add_argument("--eval-samples", type=int, default=DEFAULT_EVAL_SAMPLES, help="held-out eval samples")
+    parser.add_argument(
+        "--eval-samples", type=int, default=DEFAULT_EVAL_SAMPLES, help="held-out eval samples"
+    )
     parser.add_argument("--seed", type=int, default=0, help="base seed (same seed -> identical bytes)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()

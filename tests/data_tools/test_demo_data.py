@@ -1,0 +1,348 @@
+"""The demo VQA set: determinism, counts, answer balance, blind baseline, and pixels that carry the answers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_tools.demo_data import (
+    ANSWER_SETS,
+    MAX_SIDE,
+    MIN_SIDE,
+    PALETTE,
+    QUESTION_TEMPLATES,
+    generate_demo_data,
+    main,
+)
+
+# Kinds of the default 600 / 120 split, from the kind weights by largest remainder (worked out by hand):
+# color 132, shape 132, brighter 108, find_red 84, color_shape 72, repeat 72 (train);
+# color 26, shape 26, brighter 21, find_red 17, color_shape 15, repeat 15 (eval).
+EXPECTED_BY_QTYPE = {
+    "train": {"color": 132, "shape": 132 + 72, "brighter": 108, "find_red": 84, "repeat": 72},
+    "eval": {"color": 26, "shape": 26 + 15, "brighter": 21, "find_red": 17, "repeat": 15},
+}
+EXPECTED_IMAGES = {"train": 132 + 132 + 72 + 2 * 108 + 3 * 84, "eval": 26 + 26 + 15 + 2 * 21 + 3 * 17}
+
+
+def _hash_tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _read(root: Path, split: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
+
+
+def _image_paths(sample: dict[str, Any]) -> list[str]:
+    return [
+        part["image"]
+        for m in sample["messages"]
+        if isinstance(m["content"], list)
+        for part in m["content"]
+        if part["type"] == "image"
+    ]
+
+
+def _pixels(root: Path, rel: str) -> np.ndarray:
+    with Image.open(root / rel) as im:
+        assert im.mode == "RGB", rel
+        return np.asarray(im, dtype=np.int16)  # (h, w, 3)
+
+
+def _shape_colour_and_mask(px: np.ndarray) -> tuple[str, np.ndarray]:
+    """Nearest palette colour of the saturated (non-grey) pixels, and their mask."""
+    mask = (px.max(axis=2) - px.min(axis=2)) > 60
+    assert mask.any(), "no coloured pixel"
+    mean = px[mask].mean(axis=0)
+    name = min(PALETTE, key=lambda c: float(((mean - np.array(PALETTE[c])) ** 2).sum()))
+    return name, mask
+
+
+def _shape_kind(mask: np.ndarray) -> str:
+    """circle / square / triangle from how much of its bounding box the shape fills (pi/4, 1, 1/2)."""
+    ys, xs = np.nonzero(mask)
+    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    assert abs(int(h) - int(w)) <= 1, f"shape box {w}x{h} is not square"
+    fill = mask.sum() / (h * w)
+    if fill > 0.95:
+        return "square"
+    if 0.68 < fill < 0.86:
+        return "circle"
+    assert 0.40 < fill < 0.62, f"fill ratio {fill} matches no shape"
+    return "triangle"
+
+
+def _luminance(root: Path, rel: str) -> float:
+    with Image.open(root / rel) as im:
+        return float(np.asarray(im.convert("L"), dtype=np.float64).mean())
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("demo") / "data"
+    return root, generate_demo_data(root, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("small") / "data"
+    generate_demo_data(root, samples=60, eval_samples=12, seed=0)
+    return root
+
+
+def test_same_seed_gives_byte_identical_files(demo, tmp_path: Path) -> None:
+    root, meta = demo
+    again = generate_demo_data(tmp_path / "again", seed=0)
+    first, second = _hash_tree(root), _hash_tree(tmp_path / "again")
+    assert len(first) == 3 + EXPECTED_IMAGES["train"] + EXPECTED_IMAGES["eval"]
+    assert first == second
+    assert again == meta
+
+
+def test_different_seed_gives_different_data(small, tmp_path: Path) -> None:
+    generate_demo_data(tmp_path / "s1", samples=60, eval_samples=12, seed=1)
+    a, b = _hash_tree(small), _hash_tree(tmp_path / "s1")
+    assert a.keys() != b.keys() or a != b
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert a[name] != b[name]
+    # Images are drawn from seed-keyed streams: no image is shared between the two seeds.
+    assert not {h for k, h in a.items() if k.endswith(".png")} & {
+        h for k, h in b.items() if k.endswith(".png")
+    }
+
+
+def test_counts_match_request_and_metadata(demo) -> None:
+    root, meta = demo
+    for split, n in (("train", 600), ("eval", 120)):
+        samples = _read(root, split)
+        counts = meta["counts"][split]
+        assert len(samples) == counts["samples"] == n
+        assert [s["id"] for s in samples] == [f"{split}-{i:05d}" for i in range(n)]
+        assert dict(Counter(s["meta"]["qtype"] for s in samples)) == EXPECTED_BY_QTYPE[split]
+        assert counts["by_qtype"] == EXPECTED_BY_QTYPE[split]
+        n_images = [len(_image_paths(s)) for s in samples]
+        assert sum(n_images) == counts["images"] == EXPECTED_IMAGES[split]
+        assert counts["by_num_images"] == {str(k): n_images.count(k) for k in range(4)}
+        assert all(n_images.count(k) > 0 for k in range(4))  # 0, 1, 2 and 3 images all present
+        multi = [s for s in samples if len(s["meta"]["turns"]) == 2]
+        assert counts["multi_turn"] == len(multi) == {"train": 72, "eval": 15}[split]
+        assert counts["text_only"] == n_images.count(0) == {"train": 72, "eval": 15}[split]
+    assert meta["seed"] == 0 and meta["version"] == "1.0.0"
+    assert meta["images_total"] == EXPECTED_IMAGES["train"] + EXPECTED_IMAGES["eval"]
+
+
+def test_message_structure_and_canonical_json(demo) -> None:
+    root, _ = demo
+    for split in ("train", "eval"):
+        for line in (root / f"{split}.jsonl").read_text().splitlines():
+            sample = json.loads(line)
+            assert line == json.dumps(sample, sort_keys=True, separators=(",", ":"))
+            messages, turns = sample["messages"], sample["meta"]["turns"]
+            assert [m["role"] for m in messages] == ["user", "assistant"] * len(turns)
+            assert [m["content"] for m in messages[1::2]] == [t["answer"] for t in turns]
+            assert (sample["meta"]["qtype"], sample["meta"]["answer"]) == (
+                turns[-1]["qtype"],
+                turns[-1]["answer"],
+            )
+            for turn, user in zip(turns, messages[0::2]):
+                texts = [p["text"] for p in user["content"] if p["type"] == "text"]
+                assert len(texts) == 1 and user["content"][-1]["type"] == "text"
+                template = QUESTION_TEMPLATES[turn["qtype"]]
+                expected = template.format(word=turn["answer"]) if "{word}" in template else template
+                assert texts[0] == expected
+                assert turn["answer"] in ANSWER_SETS[turn["qtype"]]
+            # Images only in the first user turn.
+            assert all(p["type"] == "text" for m in messages[2::2] for p in m["content"])
+
+
+def test_answers_balanced_per_qtype(demo) -> None:
+    root, meta = demo
+    for split in ("train", "eval"):
+        samples = _read(root, split)
+        for qtype, answers in ANSWER_SETS.items():
+            got = Counter(s["meta"]["answer"] for s in samples if s["meta"]["qtype"] == qtype)
+            counts = [got[a] for a in answers]
+            assert max(counts) - min(counts) <= 1, (split, qtype, counts)
+            assert meta["answer_distributions"][split][qtype] == {a: got[a] for a in answers}
+        # The unscored first turn of multi-turn samples is balanced too.
+        firsts = Counter(s["meta"]["turns"][0]["answer"] for s in samples if len(s["meta"]["turns"]) == 2)
+        assert max(firsts.values()) - min(firsts[a] for a in ANSWER_SETS["color"]) <= 1
+    # 600 train samples split exactly: every answer of a qtype appears equally often.
+    train = meta["answer_distributions"]["train"]
+    assert {q: sorted(set(d.values())) for q, d in train.items()} == {
+        "color": [33],
+        "shape": [68],
+        "brighter": [54],
+        "find_red": [28],
+        "repeat": [18],
+    }
+
+
+def test_blind_baseline_is_majority_rate_on_eval(demo) -> None:
+    root, meta = demo
+    samples = _read(root, "eval")
+    per_qtype, hits, image_hits, image_total = {}, 0, 0, 0
+    for qtype in ANSWER_SETS:
+        answers = [s["meta"]["answer"] for s in samples if s["meta"]["qtype"] == qtype]
+        majority = Counter(answers).most_common(1)[0][1]
+        per_qtype[qtype] = majority / len(answers)
+        hits += majority
+        if qtype != "repeat":
+            image_hits, image_total = image_hits + majority, image_total + len(answers)
+    baseline = meta["blind_baseline_accuracy"]
+    assert baseline["per_qtype"] == per_qtype
+    assert baseline["overall"] == hits / len(samples) == 42 / 120
+    assert baseline["image_qtypes"] == image_hits / image_total == 38 / 105
+    assert per_qtype == {
+        "color": 7 / 26,
+        "shape": 14 / 41,
+        "brighter": 11 / 21,
+        "find_red": 6 / 17,
+        "repeat": 4 / 15,
+    }
+
+
+def test_pixels_determine_answers(demo) -> None:
+    root, _ = demo
+    checked = Counter()
+    for split in ("train", "eval"):
+        for sample in _read(root, split):
+            paths = _image_paths(sample)
+            for turn in sample["meta"]["turns"]:
+                qtype, answer = turn["qtype"], turn["answer"]
+                if qtype in ("color", "shape"):
+                    px = _pixels(root, paths[0])
+                    # Flat drawing, no anti-aliasing: exactly a grey background and one shape colour.
+                    with Image.open(root / paths[0]) as im:
+                        assert len(im.getcolors(maxcolors=4) or []) == 2, paths[0]
+                    colour, mask = _shape_colour_and_mask(px)
+                    if qtype == "color":
+                        assert colour == answer, (paths[0], colour, answer)
+                    else:
+                        assert _shape_kind(mask) == answer, (paths[0], answer)
+                    background = px[~mask]
+                    assert int((background.max(axis=1) - background.min(axis=1)).max()) <= 8
+                    ys, _ = np.nonzero(mask)
+                    assert ys.max() - ys.min() + 1 >= 0.35 * min(px.shape[:2])
+                elif qtype == "brighter":
+                    lum = [_luminance(root, p) for p in paths]
+                    brighter = "first" if lum[0] > lum[1] else "second"
+                    assert brighter == answer and abs(lum[0] - lum[1]) >= 20.0, (paths, lum)
+                elif qtype == "find_red":
+                    colours = [_shape_colour_and_mask(_pixels(root, p))[0] for p in paths]
+                    assert [c == "red" for c in colours] == [
+                        o == answer for o in ("first", "second", "third")
+                    ]
+                elif qtype == "repeat":
+                    assert paths == [] and answer in sample["messages"][0]["content"][0]["text"].split()
+                checked[qtype] += 1
+    assert checked == {
+        "color": 132 + 72 + 26 + 15,
+        "shape": 204 + 41,
+        "brighter": 129,
+        "find_red": 101,
+        "repeat": 87,
+    }
+
+
+def test_images_exist_sizes_varied_and_splits_disjoint(demo) -> None:
+    root, meta = demo
+    referenced: dict[str, set[str]] = {}
+    sizes = []
+    for split in ("train", "eval"):
+        referenced[split] = {p for s in _read(root, split) for p in _image_paths(s)}
+        for rel in referenced[split]:
+            assert rel.startswith(f"images/{split}-")
+            with Image.open(root / rel) as im:
+                sizes.append(im.size)
+    # Every file under images/ is referenced exactly once, and nothing referenced is missing.
+    on_disk = {f"images/{p.name}" for p in (root / "images").iterdir()}
+    assert on_disk == referenced["train"] | referenced["eval"]
+    assert len(on_disk) == meta["images_total"]
+    assert not referenced["train"] & referenced["eval"]
+    digests = {
+        s: {hashlib.sha256((root / p).read_bytes()).digest() for p in referenced[s]} for s in referenced
+    }
+    assert len(digests["train"]) == len(referenced["train"]) and not digests["train"] & digests["eval"]
+
+    sides = np.array(sizes)  # (I, 2) width, height
+    assert sides.min() >= MIN_SIDE and sides.max() <= MAX_SIDE
+    assert sides.min() < 80 and sides.max() > 700  # the range is actually used
+    ratios = Counter(round(w / h, 1) for w, h in sizes)
+    assert (
+        len([r for r, n in ratios.items() if n >= 10]) >= 7
+    )  # several aspect ratios, portrait and landscape
+    assert meta["png_bytes_total"] == sum((root / p).stat().st_size for p in on_disk) < 3_000_000
+
+
+def test_png_holds_no_metadata_chunks(demo) -> None:
+    root, _ = demo
+    for path in sorted((root / "images").iterdir())[:50]:
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        chunks, offset = [], 8
+        while offset < len(data):
+            (length,) = struct.unpack(">I", data[offset : offset + 4])
+            chunks.append(data[offset + 4 : offset + 8])
+            offset += 12 + length
+        assert set(chunks) == {b"IHDR", b"IDAT", b"IEND"}, (path, chunks)
+
+
+def test_vocabulary_covers_every_question_and_answer(demo) -> None:
+    root, meta = demo
+    used = set()
+    for split in ("train", "eval"):
+        for sample in _read(root, split):
+            for message in sample["messages"]:
+                content = message["content"]
+                texts = (
+                    [content]
+                    if isinstance(content, str)
+                    else [p["text"] for p in content if p["type"] == "text"]
+                )
+                for text in texts:
+                    used.update(re.findall(meta["vocabulary_pattern"], text))
+    assert meta["vocabulary"] == sorted(used)
+    assert meta["vocabulary"] == [
+        ":", "?", "bird", "blue", "brighter", "cat", "circle", "color", "dog", "first", "fish", "green", "has",
+        "image", "is", "it", "red", "repeat", "second", "shape", "square", "the", "third", "triangle", "what",
+        "which", "word", "yellow",
+    ]  # fmt: skip
+    assert meta["answer_sets"] == ANSWER_SETS and meta["question_templates"] == QUESTION_TEMPLATES
+
+
+def test_cli_matches_api_and_rewrites_previous_set(
+    small, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "cli"
+    assert main(["--out", str(out), "--samples", "300", "--eval-samples", "30", "--seed", "0"]) == 0
+    assert "300 train / 30 eval samples" in capsys.readouterr().out
+    # Re-running into a folder that holds a demo set replaces it: no stale images from the bigger run.
+    assert main(["--out", str(out), "--samples", "60", "--eval-samples", "12", "--seed", "0"]) == 0
+    assert _hash_tree(out) == _hash_tree(small)
+
+
+def test_refuses_bad_arguments_and_foreign_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ValueError, match="samples=5: need an integer >= 6"):
+        generate_demo_data(tmp_path / "a", samples=5)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a demo data set"):
+        generate_demo_data(foreign, samples=6, eval_samples=6)
+    assert main(["--out", str(foreign), "--samples", "6", "--eval-samples", "6"]) == 2
+    assert "pass an empty or new directory" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
