@@ -273,7 +273,9 @@ def _load_json_array(path: Path) -> list[Any]:
             "Convert it to JSONL (one sample per line) so that a broken sample costs one line, not the file"
         ) from err
     if not isinstance(data, list):
-        raise DataFormatError(f"{path}: a .json data file must hold a JSON array of samples, got {type(data).__name__}")
+        raise DataFormatError(
+            f"{path}: a .json data file must hold a JSON array of samples, got {type(data).__name__}"
+        )
     return data
 
 
@@ -287,7 +289,9 @@ def _quiet_datasets() -> Any:
 def _iter_parquet(path: Path, dataset: int) -> Iterator[RawItem]:
     datasets = _quiet_datasets()
     # Streaming: no arrow copy in the HF cache; decode(False) keeps Image features as {"bytes", "path"}.
-    stream = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True).decode(False)
+    stream = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True).decode(
+        False
+    )
     for row, obj in enumerate(stream):
         yield RawItem(dataset, str(path), row, "row", obj)
 
@@ -300,7 +304,9 @@ def _parquet_rows(path: Path) -> int:
 
 def _open_arrow_dataset(path: Path, kind: str) -> Any:
     datasets = _quiet_datasets()
-    return datasets.load_from_disk(str(path)) if kind == "arrow_dir" else datasets.Dataset.from_file(str(path))
+    return (
+        datasets.load_from_disk(str(path)) if kind == "arrow_dir" else datasets.Dataset.from_file(str(path))
+    )
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -314,7 +320,9 @@ def decode_payload(item: RawItem) -> dict[str, Any]:
     """
     if item.kind != "line":
         if not isinstance(item.payload, dict):
-            raise BadSample("malformed_json", f"row is a {type(item.payload).__name__}, expected a JSON object")
+            raise BadSample(
+                "malformed_json", f"row is a {type(item.payload).__name__}, expected a JSON object"
+            )
         return item.payload
     raw: bytes = item.payload
     try:
@@ -387,7 +395,9 @@ def _top_level_images(obj: dict[str, Any], item: RawItem, spec: DatasetSpec) -> 
     ]
 
 
-def image_source(value: Any, item: RawItem, spec: DatasetSpec, column: str = "", index: int = -1) -> ImageSource:
+def image_source(
+    value: Any, item: RawItem, spec: DatasetSpec, column: str = "", index: int = -1
+) -> ImageSource:
     """An image value (path string, bytes, {"bytes", "path"} struct, image_url dict) as an `ImageSource`.
 
     Raises:
@@ -402,7 +412,9 @@ def image_source(value: Any, item: RawItem, spec: DatasetSpec, column: str = "",
             value = value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         if item.kind == "line":
-            raise BadSample("unsupported_image_source", "raw image bytes inside a JSONL line are not supported")
+            raise BadSample(
+                "unsupported_image_source", "raw image bytes inside a JSONL line are not supported"
+            )
         ref = {"file": item.file, "row": item.location, "column": column, "index": index}
         return ImageSource(ref, bytes(value))
     if not isinstance(value, str) or not value:
@@ -491,12 +503,16 @@ def _parse_messages(
         elif isinstance(content, list):
             for part, block in enumerate(content):
                 if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-                    raise BadSample("invalid_sample", f"messages[{turn}].content[{part}] has no string 'type'")
+                    raise BadSample(
+                        "invalid_sample", f"messages[{turn}].content[{part}] has no string 'type'"
+                    )
                 kind = block["type"]
                 if kind == "text":
                     text = block.get("text")
                     if not isinstance(text, str):
-                        raise BadSample("invalid_sample", f"messages[{turn}].content[{part}].text is not a string")
+                        raise BadSample(
+                            "invalid_sample", f"messages[{turn}].content[{part}].text is not a string"
+                        )
                     if text:
                         blocks.append({"type": "text", "text": text})
                 elif kind in ("image", "image_url"):
@@ -621,7 +637,10 @@ def read_image_size(source: ImageSource, verify: bool = False) -> tuple[int, int
     Raises:
         BadSample: missing_image, corrupt_image or decompression_bomb.
     """
-    where = source.ref.get("path") or f"{source.ref['file']} row {source.ref['row']} column {source.ref['column']}"
+    where = (
+        source.ref.get("path")
+        or f"{source.ref['file']} row {source.ref['row']} column {source.ref['column']}"
+    )
     try:
         image = _open_header(source)
     except FileNotFoundError as err:

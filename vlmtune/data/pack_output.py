@@ -127,7 +127,9 @@ class SampleRecord:
             location=int(obj["location"]),
             location_kind=obj["location_kind"],
             sample_id=obj["id"],
-            images=tuple(ImageRecord(im["ref"], (int(im["grid_hw"][0]), int(im["grid_hw"][1]))) for im in obj["images"]),
+            images=tuple(
+                ImageRecord(im["ref"], (int(im["grid_hw"][0]), int(im["grid_hw"][1]))) for im in obj["images"]
+            ),
             num_tokens=int(obj["tokens"]),
             num_patches=int(obj["patches"]),
             truncated=bool(obj["truncated"]),
@@ -215,7 +217,9 @@ class ShardWriter:
     def add(self, input_ids: np.ndarray, label_mask: np.ndarray) -> int:
         """Store one sample; returns its global index."""
         if input_ids.shape != label_mask.shape or input_ids.ndim != 1:
-            raise ValueError(f"input_ids {input_ids.shape} and label_mask {label_mask.shape} must be equal 1-D shapes")
+            raise ValueError(
+                f"input_ids {input_ids.shape} and label_mask {label_mask.shape} must be equal 1-D shapes"
+            )
         if self._ids and self._pending_tokens + len(input_ids) > self.shard_tokens:
             self._flush()
         self._ids.append(np.asarray(input_ids, dtype=np.int32))
@@ -326,13 +330,17 @@ class PackReader:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            raise PackFormatError(f"{self.path} is not a pack output: {MANIFEST} missing; run `vlmtune pack` first")
+            raise PackFormatError(
+                f"{self.path} is not a pack output: {MANIFEST} missing; run `vlmtune pack` first"
+            )
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PackFormatError(f"{manifest_path}: not valid JSON ({err}); re-run `vlmtune pack`") from err
         if manifest.get("format") != FORMAT_NAME:
-            raise PackFormatError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+            raise PackFormatError(
+                f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT_NAME!r}"
+            )
         if manifest.get("version") != FORMAT_VERSION:
             raise PackFormatError(
                 f"{manifest_path}: pack format version {manifest.get('version')!r}, this vlmtune reads version "
