@@ -311,7 +311,7 @@ class MoonViT(nn.Module):
             raise ValueError("MoonViT: image_grid_hws is empty; call the vision tower with at least one image")
         if any(len(hw) != 2 for hw in grid_hws):
             raise ValueError(f"MoonViT: image_grid_hws must be (I, 2) rows of (h, w), got {grid_hws}")
-        odd = [(i, hw) for i, hw in enumerate(grid_hws) if hw[0] <= 0 or hw[1] <= 0 or hw[0] % 2 or hw[1] % 2]
+        odd = [(i, (hw[0], hw[1])) for i, hw in enumerate(grid_hws) if hw[0] <= 0 or hw[1] <= 0 or hw[0] % 2 or hw[1] % 2]
         if odd:
             raise ValueError(f"MoonViT: image grids must have positive even h and w for the 2x2 merger; "
                              f"images (index, (h, w)) {odd} are not (pad the image to a multiple of "
