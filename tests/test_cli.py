@@ -21,7 +21,9 @@ def test_registry_points_at_functions() -> None:
     assert all(isinstance(h, str) and h and ":" in target for h, target in COMMANDS.values())
     assert cli._resolve("validate") is cli.validate
     if importlib.util.find_spec("data_tools.demo_data") is not None:
-        assert callable(cli._resolve("demo-data"))
+        from data_tools import demo_data
+
+        assert cli._resolve("demo-data") is demo_data.main
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:

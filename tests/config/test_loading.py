@@ -116,7 +116,7 @@ def test_override_coercion() -> None:
         MINIMAL,
         [
             "train.max_steps=4",  # int
-            "train.learning_rate=1e-4",  # YAML 1.1 reads this as text; pydantic parses the float
+            "train.learning_rate=1e-4",  # a float (YAML 1.1 alone would read text)
             "train.weight_decay=0.05",  # float
             "model.rmpad=false",  # bool
             "train.grad_clip=null",  # null
@@ -146,6 +146,17 @@ def test_parse_override_values_and_syntax_errors() -> None:
     for bad in ["noequals", "=3", "a..b=3", "a.b="]:
         with pytest.raises(RecipeError, match="override"):
             parse_override(bad)
+
+
+def test_exponent_floats_are_numbers_in_files_and_in_untyped_places(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) reads `1e9` as text; the recipe loader reads it as a float, as YAML 1.2 does.
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "deepspeed:\n  extra:\n    zero_optimization:\n"
+                    "      stage3_max_live_parameters: 1e9\n")
+    r = load_recipe(path, ["deepspeed.extra.zero_optimization.stage3_prefetch_bucket_size=5e7"])
+    assert r.deepspeed.extra == {"zero_optimization": {"stage3_max_live_parameters": 1e9,
+                                                       "stage3_prefetch_bucket_size": 5e7}}
+    assert type(r.deepspeed.extra["zero_optimization"]["stage3_max_live_parameters"]) is float
 
 
 def test_unquoted_slurm_time_in_file_is_an_error() -> None:

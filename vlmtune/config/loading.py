@@ -22,6 +22,7 @@ import copy
 import difflib
 import importlib.util
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,17 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 (PyYAML) reads `1e-3` and `1e9` as strings (its floats need a dot); read them as floats, as YAML 1.2
+# does, so that untyped places (deepspeed.extra) get numbers too.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -91,7 +103,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        data = _yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
@@ -159,7 +171,7 @@ class Override:
 def parse_override(text: str, base_dir: str | Path | None = None) -> Override:
     """Parse ``a.b.c=value``.
 
-    The value is read with ``yaml.safe_load`` (``4`` -> int, ``1e-3``/``0.5`` -> float, ``true`` -> bool,
+    The value is read as safe YAML (``4`` -> int, ``1e-3``/``0.5`` -> float, ``true`` -> bool,
     ``null`` -> None, ``[1, 2]`` -> list, ``{a: 1}`` -> mapping), except that a field typed str or path keeps the
     raw text when YAML would turn it into something else. Path fields resolve against ``base_dir`` (default: CWD).
 
@@ -174,7 +186,7 @@ def parse_override(text: str, base_dir: str | Path | None = None) -> Override:
     if raw.strip() == "":
         raise RecipeError(f"override `{text}`: empty value; write `{key}=null` for null or `{key}=''` for an empty string")
     try:
-        value = yaml.safe_load(raw)
+        value = _yaml_load(raw)
     except yaml.YAMLError as exc:
         raise RecipeError(f"override `{text}`: value is not valid YAML: {' '.join(str(exc).split())}") from None
     annotation = field_annotation(parts)
