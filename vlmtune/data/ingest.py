@@ -220,17 +220,19 @@ def _image_block(input_ids: np.ndarray, start: int, end: int, tokenizer: Any) ->
     """[start, end) of an image's whole block: its <|media_pad|> run plus the media wrapper around it.
 
     The Kimi-VL wrapper is ``<|media_start|>image<|media_content|> PADS <|media_end|>``; truncation keeps it
-    whole so that no dangling wrapper token is left. Tokens are matched by id, so a tokenizer without these
-    specials simply protects the pad run.
+    whole so that no dangling wrapper token is left. Tokens are matched by id (the word "image" may be several
+    BPE tokens in a small vocabulary); a tokenizer without these specials simply protects the pad run.
     """
     specials = getattr(tokenizer, "special_tokens", None) or {}
     media_start = specials.get("<|media_start|>")
+    media_content = specials.get("<|media_content|>")
     media_end = specials.get("<|media_end|>")
     lo, hi = start, end
-    if media_start is not None:
-        for back in range(1, 6):  # <|media_start|> "image" <|media_content|>: a few tokens at most
-            if start - back >= 0 and int(input_ids[start - back]) == media_start:
-                lo = start - back
+    if media_content is not None and start > 0 and int(input_ids[start - 1]) == media_content:
+        lo = start - 1
+        for back in range(start - 2, max(-1, start - 18), -1):
+            if int(input_ids[back]) == media_start:
+                lo = back
                 break
     if media_end is not None and end < len(input_ids) and int(input_ids[end]) == media_end:
         hi = end + 1
