@@ -85,3 +85,39 @@ def write_jsonl() -> Callable[[Path, list[Any]], Path]:
         return path
 
     return write
+
+
+# ----------------------------------------------------------------------------------------------- model folder
+
+TINY_IN_TOKEN_LIMIT = 256  # small images -> at most 256 patches (64 LM tokens) per image, fast tests
+
+
+def build_tiny_model_dir(out_dir: Path, in_token_limit: int = TINY_IN_TOKEN_LIMIT) -> Path:
+    """A model folder with just what the data pipeline reads: a tiny Kimi tokenizer (tiktoken.model +
+    tokenizer_config.json, BPE trained on the demo vocabulary) and a preprocessor_config.json (Kimi-VL-A3B
+    values, pad_input true, with a lower in_token_limit)."""
+    from data_tools.demo_data import QUESTION_TEMPLATES, _vocabulary
+    from vlmtune.models.kimi_vl.image_processing import KimiVLImageProcessor
+    from vlmtune.models.kimi_vl.tokenization import build_tokenizer_files
+
+    corpus = " ".join(_vocabulary()) + " system user assistant image You are a helpful assistant "
+    corpus += " ".join(QUESTION_TEMPLATES.values())
+    build_tokenizer_files(out_dir, corpus * 3, num_merges=100)
+    KimiVLImageProcessor.kimi_vl_a3b(in_token_limit=in_token_limit).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide tiny model folder (tokenizer + preprocessor_config.json); do not modify it."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo VQA set with 60 train / 6 eval samples (train.jsonl, images/); do not modify it."""
+    from data_tools.demo_data import generate_demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    generate_demo_data(out, samples=60, eval_samples=6, seed=0)
+    return out

@@ -169,7 +169,9 @@ class SampleMeasurer:
         try:
             h, w = self.processor.grid_hw(width, height)
         except ImageSizeError as err:
-            small = min(width, height) < int(getattr(self.processor, "min_image_side", 0) or 0)
+            # Too small: a side under min_image_side, or (pad_input false) nothing left after the crop to whole
+            # merge blocks. Everything else the processor refuses is a side that is too long (>= 512 patches).
+            small = min(width, height) < self.processor.min_image_side or "smaller than one" in str(err)
             reason = "image_too_small" if small else "image_too_large"
             raise BadSample(reason, f"image {where} ({width}x{height}): {err}") from err
         return int(h), int(w)
@@ -192,10 +194,14 @@ class SampleMeasurer:
 
     def tokenize(self, sample: ParsedSample, location: int, grids: list[tuple[int, int]]) -> Measured:
         """Chat template of a parsed sample whose image grids are known."""
-        from vlmtune.data.chat_template import apply_chat_template
+        from vlmtune.data.chat_template import ChatTemplateError, apply_chat_template
 
-        counts = [h * w // 4 for h, w in grids]
-        out = apply_chat_template(sample.messages, self.tokenizer, counts)
+        kh, kw = self.processor.merge_kernel_size
+        counts = [(h // kh) * (w // kw) for h, w in grids]
+        try:
+            out = apply_chat_template(sample.messages, self.tokenizer, counts)
+        except ChatTemplateError as err:  # formats.parse_item checks the same rules first; kept as a guard
+            raise BadSample("invalid_sample", f"chat template: {err}") from err
         input_ids = np.asarray(out.input_ids, dtype=np.int32)
         label_mask = np.asarray(out.label_mask, dtype=np.uint8)
         spans = [(int(s), int(e)) for s, e in out.image_spans]
