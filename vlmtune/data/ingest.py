@@ -74,6 +74,7 @@ from vlmtune.data.formats import (
 INGEST_VERSION = 1
 OVERLONG_POLICIES = ("truncate_text", "drop", "error")
 BAD_SAMPLE_POLICIES = ("error", "skip")
+AUTO_WORKERS_MIN_ITEMS = 20_000  # workers=None: below this many items to measure, stay in process
 DROP_REASONS = ("overlong", "images_exceed_budget", "no_labels_after_truncation", "weight_subsample")
 
 
@@ -431,7 +432,9 @@ class LengthPassSettings:
 
     Attributes:
         model_dir: folder with the tokenizer and preprocessor_config.json.
-        workers: worker processes (0 = in this process).
+        workers: worker processes (0 = in this process; None = auto: in process below `AUTO_WORKERS_MIN_ITEMS`
+            items to measure, where starting workers (~1-3 s each: torch import) costs more than it saves,
+            else min(8, CPUs)).
         chunk_size: items per task sent to a worker.
         cache_dir: where cache entries live (None = no cache).
         verify_images: Pillow verify() on every image (no decode; catches damaged PNG chunks).
@@ -440,7 +443,7 @@ class LengthPassSettings:
     """
 
     model_dir: Path
-    workers: int = 0
+    workers: int | None = 0
     chunk_size: int = 32
     cache_dir: Path | None = None
     verify_images: bool = False
@@ -450,7 +453,7 @@ class LengthPassSettings:
     def __post_init__(self) -> None:
         if self.on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad_sample={self.on_bad_sample!r}; expected one of {BAD_SAMPLE_POLICIES}")
-        if self.workers < 0 or self.chunk_size < 1:
+        if (self.workers is not None and self.workers < 0) or self.chunk_size < 1:
             raise ValueError(f"workers={self.workers} must be >= 0 and chunk_size={self.chunk_size} >= 1")
 
 
@@ -509,7 +512,10 @@ def run_length_pass(specs: Sequence[DatasetSpec], settings: LengthPassSettings) 
             todo.append((d, key, entry))
     if todo:
         totals = {d: count_items(Path(specs[d].path)) for d, _, _ in todo}
-        with _Runner(settings, list(specs), sum(totals.values())) as runner:
+        workers = settings.workers
+        if workers is None:
+            workers = 0 if sum(totals.values()) < AUTO_WORKERS_MIN_ITEMS else min(8, os.cpu_count() or 1)
+        with _Runner(settings, list(specs), sum(totals.values()), workers) as runner:
             for d, key, entry in todo:
                 spec = specs[d]
                 kind = "line" if container_of(Path(spec.path)) == "jsonl" else "row"
@@ -539,8 +545,11 @@ def _raise_first_bad(result: FileResult, on_bad_sample: str) -> None:
 class _Runner:
     """Maps chunks through worker processes (or in-process), in order, with a bounded number in flight."""
 
-    def __init__(self, settings: LengthPassSettings, specs: list[DatasetSpec], total: int) -> None:
+    def __init__(
+        self, settings: LengthPassSettings, specs: list[DatasetSpec], total: int, workers: int
+    ) -> None:
         self.settings = settings
+        self.workers = workers
         self.specs = specs
         self.total = total
         self.pool: Any = None
@@ -549,14 +558,16 @@ class _Runner:
 
     def __enter__(self) -> _Runner:
         s = self.settings
-        if s.workers > 0:
+        if self.workers > 0:
             import multiprocessing
 
             # spawn: no fork of a parent that may hold threads (torch, tokenizers); workers import only what
             # the length pass needs.
             context = multiprocessing.get_context("spawn")
             self.pool = context.Pool(
-                s.workers, initializer=_init_worker, initargs=(str(s.model_dir), s.verify_images, self.specs)
+                self.workers,
+                initializer=_init_worker,
+                initargs=(str(s.model_dir), s.verify_images, self.specs),
             )
         else:
             _init_worker(str(s.model_dir), s.verify_images, self.specs)
@@ -585,7 +596,7 @@ class _Runner:
         in_flight: deque[tuple[int, Any]] = deque()
         for chunk in chunks:
             in_flight.append((len(chunk), self.pool.apply_async(_measure_chunk, (chunk,))))
-            if len(in_flight) >= 2 * self.settings.workers:
+            if len(in_flight) >= 2 * self.workers:
                 n, pending = in_flight.popleft()
                 out = pending.get()
                 self._advance(n)

@@ -65,7 +65,7 @@ class PackSettings:
         seed: seed of the mixing subsample and of the pack order.
         overlong: truncate_text | drop | error.
         on_bad_sample: error | skip.
-        workers: length-pass worker processes (0 = in this process).
+        workers: length-pass worker processes (0 = in this process, None = auto, see `LengthPassSettings`).
         cache_dir: length cache folder (None = no cache). Default next to the output: ``<out>.cache``.
         verify_images: Pillow verify() on every image in the length pass.
         progress: show progress bars and the summary table.
@@ -80,7 +80,7 @@ class PackSettings:
     seed: int = 0
     overlong: str = DEFAULT_CLI_OVERLONG
     on_bad_sample: str = "error"
-    workers: int = 0
+    workers: int | None = 0
     cache_dir: Path | None = None
     verify_images: bool = False
     progress: bool = True
@@ -308,19 +308,19 @@ def _stats(
     lower = math.ceil(entry_tokens / L) if entry_tokens else 0
     if P is not None and entry_patches:
         lower = max(lower, math.ceil(entry_patches / P))
-    packs = len(pack_tokens)
+    num_packs = len(pack_tokens)
     stats: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         **total.to_json(),
-        "packs": packs,
+        "packs": num_packs,
         "lower_bound_packs": lower,
-        "packs_over_lower_bound": packs / lower if lower else None,
-        "fill_ratio": entry_tokens / (packs * L) if packs else 0.0,
-        "vision_fill_ratio": entry_patches / (packs * P) if packs and P else None,
+        "packs_over_lower_bound": num_packs / lower if lower else None,
+        "fill_ratio": entry_tokens / (num_packs * L) if num_packs else 0.0,
+        "vision_fill_ratio": entry_patches / (num_packs * P) if num_packs and P else None,
         "packing_length": L,
         "max_vision_patches": P,
-        "max_pack_tokens": int(pack_tokens.max()) if packs else 0,
-        "max_pack_vision_patches": int(pack_patches.max()) if packs else 0,
+        "max_pack_tokens": int(pack_tokens.max()) if num_packs else 0,
+        "max_pack_vision_patches": int(pack_patches.max()) if num_packs else 0,
         "total_tokens": entry_tokens,
         "total_vision_patches": entry_patches,
         "sample_tokens": _describe(sample_tokens),
@@ -456,7 +456,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--window", type=int, help="pack windows of W samples (default: everything at once)")
     p.add_argument("--seed", type=int, help="seed of the mixing subsample and pack order (default 0)")
-    p.add_argument("--workers", type=int, help="length-pass worker processes (0 = in process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="length-pass worker processes (0 = in process; default: auto by data size)",
+    )
     p.add_argument(
         "--on-bad-sample", choices=["error", "skip"], help="stop at a bad sample (default) or skip it"
     )
@@ -478,7 +482,7 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[list[DatasetSpec], Pa
         "max_vision_patches": None,
         "window": None,
         "seed": 0,
-        "workers": min(8, os.cpu_count() or 1),
+        "workers": None,
         "on_bad_sample": "error",
         "overlong": DEFAULT_CLI_OVERLONG,
     }
@@ -555,7 +559,7 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[list[DatasetSpec], Pa
         seed=int(base["seed"]),
         overlong=base["overlong"],
         on_bad_sample=base["on_bad_sample"],
-        workers=int(base["workers"]),
+        workers=None if base["workers"] is None else int(base["workers"]),
         cache_dir=cache,
         verify_images=args.verify_images,
         progress=not args.quiet,
@@ -604,6 +608,8 @@ def describe_pack(
             "index": record.index,
             "id": record.sample_id,
             "where": record.where(),
+            "source": record.source,
+            "location": record.location,
             "positions": (position, position + len(ids)),
             "tokens": record.num_tokens,
             "patches": record.num_patches,
@@ -615,7 +621,9 @@ def describe_pack(
         }
         if tokenizer is not None:
             row["text"] = _excerpt(ids, record.image_spans, record.images, tokenizer, excerpt)
-            row["supervised_text"] = _clip(tokenizer.decode([int(t) for t in ids[mask]]), excerpt)
+            row["supervised_text"] = _clip(
+                compact_text(tokenizer.decode([int(t) for t in ids[mask]])), excerpt
+            )
         rows.append(row)
         position += len(ids)
     return rows
@@ -626,15 +634,33 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+# Template control tokens shown compactly: "S: ... | U: <image 8x6> what color? | A: red |".
+_COMPACT = (
+    ("<|im_system|>system<|im_middle|>", "S: "),
+    ("<|im_user|>user<|im_middle|>", "U: "),
+    ("<|im_assistant|>assistant<|im_middle|>", "A: "),
+    ("<|im_end|>", " | "),
+)
+
+
+def compact_text(text: str) -> str:
+    """A decoded sample with the template's role headers and <|im_end|> written as S:/U:/A: and ' | '."""
+    for long, short in _COMPACT:
+        text = text.replace(long, short)
+    return text.strip()
+
+
 def _excerpt(ids: np.ndarray, spans: Any, images: Any, tokenizer: Any, n: int) -> str:
-    """Decoded text with each image's pad run collapsed to <image hxw>."""
+    """Decoded text with each image's block (media wrapper + pad run) collapsed to <image hxw>."""
     pieces, cursor = [], 0
     for (s, e), image in zip(spans, images):
         pieces.append(tokenizer.decode([int(t) for t in ids[cursor:s]]))
         pieces.append(f"<image {image.grid_hw[0]}x{image.grid_hw[1]}>")
         cursor = e
     pieces.append(tokenizer.decode([int(t) for t in ids[cursor:]]))
-    return _clip("".join(pieces), n)
+    text = "".join(pieces)
+    text = text.replace("<|media_start|>image<|media_content|>", "").replace("<|media_end|>", "")
+    return _clip(compact_text(text), n)
 
 
 def inspect_main(argv: list[str]) -> int:
@@ -648,9 +674,10 @@ def inspect_main(argv: list[str]) -> int:
         "--model", type=Path, help="tokenizer folder for decoded text (default: the one packed with)"
     )
     p.add_argument("--no-text", action="store_true", help="do not decode text")
-    p.add_argument("--width", type=int, default=80, help="characters of decoded text per sample")
+    p.add_argument("--width", type=int, default=160, help="characters of decoded text per sample")
     args = p.parse_args(argv)
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     try:
@@ -673,14 +700,14 @@ def inspect_main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
     info = reader.pack_info(args.pack)
-    console = Console(width=max(160, Console().width))
+    console = Console(width=max(200, Console().width))
     L, P = reader.packing_length, reader.settings.get("max_vision_patches")
     console.print(
         f"pack {args.pack} of {len(reader)}: {len(info['samples'])} samples, {info['tokens']} / {L} tokens "
         f"({info['tokens'] / L:.1%}), {info['patches']} patches" + (f" / {P}" if P else "")
     )
     table = Table(show_lines=True)
-    for column in (
+    columns = (
         "#",
         "sample",
         "source",
@@ -690,22 +717,24 @@ def inspect_main(argv: list[str]) -> int:
         "images (h x w)",
         "image spans",
         "labels",
-        "text",
-    ):
+    )
+    for column in columns:
         table.add_column(column, overflow="fold")
+    table.add_column("text (S/U/A = system/user/assistant, | = <|im_end|>)", overflow="fold", min_width=48)
     for k, row in enumerate(describe_pack(reader, args.pack, tokenizer, args.width)):
-        text = row.get("text", "")
+        text = escape(row.get("text", ""))
         if "supervised_text" in row:
-            text += f"\n[green]supervised:[/green] {row['supervised_text']}"
+            text += f"\n[green]supervised:[/green] {escape(row['supervised_text'])}"
         table.add_row(
             str(k),
-            f"{row['id']} (#{row['index']})" + (" [yellow]truncated[/yellow]" if row["truncated"] else ""),
-            row["where"],
-            f"[{row['positions'][0]}, {row['positions'][1]})",
+            escape(f"{row['id']} (#{row['index']})")
+            + (" [yellow]truncated[/yellow]" if row["truncated"] else ""),
+            escape(f"{Path(row['source']).name}:{row['location']}"),
+            escape(f"[{row['positions'][0]}, {row['positions'][1]})"),
             str(row["tokens"]),
             str(row["patches"]),
             " ".join(f"{h}x{w}" for h, w in row["grids"]) or "-",
-            " ".join(f"[{s},{e})" for s, e in row["image_spans"]) or "-",
+            escape(" ".join(f"[{s},{e})" for s, e in row["image_spans"])) or "-",
             f"{row['supervised']} sup: {row['label_runs']}",
             text,
         )

@@ -255,6 +255,15 @@ def write_json(path: Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """manifest.json: pretty at the top level, one compact line per pack (a million packs stay one line each)."""
+    head = {k: v for k, v in manifest.items() if k != "packs"}
+    text = json.dumps(head, indent=1, sort_keys=True)
+    packs = ",\n".join("  " + json.dumps(p, sort_keys=True, separators=(",", ":")) for p in manifest["packs"])
+    text = text[: text.rindex("}")].rstrip() + ',\n "packs": [\n' + packs + "\n ]\n}\n"
+    path.write_text(text, encoding="utf-8")
+
+
 def write_pack_output(
     out_dir: Path,
     records: Sequence[SampleRecord],
@@ -305,7 +314,7 @@ def write_pack_output(
         "shards": shards,
         "packs": pack_table,
     }
-    write_json(out_dir / MANIFEST, manifest)
+    _write_manifest(out_dir / MANIFEST, manifest)
     write_json(out_dir / STATS, stats)
     return manifest
 
