@@ -4,6 +4,7 @@ special tokens only when allowed, the reference's long-input splitting, BPE trai
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import random
 import time
@@ -110,7 +111,8 @@ def test_hand_built_ranks_exact_ids(tmp_path) -> None:
 def test_published_ids_at_real_size(tmp_path) -> None:
     """A ranks file as large as Kimi-VL's (163584 ranks) gives the published special ids."""
     extra = [bytes([a, b]) for a in range(256) for b in range(256)]
-    extra += [bytes([a, b, c]) for a in range(256) for b in range(256) for c in range(256)][: 163584 - 256 - len(extra)]
+    triples = (bytes([a, b, c]) for a in range(256) for b in range(256) for c in range(256))
+    extra += list(itertools.islice(triples, 163584 - 256 - len(extra)))
     named = {  # the real file names only some slots; the others become <|reserved_token_N|>
         163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>", 163588: "<|im_assistant|>",
         163594: "<|im_system|>", 163601: "<|im_middle|>", 163602: "<|media_start|>", 163603: "<|media_content|>",
