@@ -231,8 +231,8 @@ class KimiVLAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Causal attention inside each packed segment; no token sees another segment.
@@ -240,8 +240,8 @@ class KimiVLAttention(nn.Module):
         Args:
             hidden_states: (N, D) packed tokens.
             position_ids: (N,) restarting at 0 in every segment.
-            cu_seqlens: (S+1,) int32 segment boundaries.
-            max_seqlen: the longest segment, a host int.
+            cu_seqlens: (S+1,) int32 segment boundaries (required).
+            max_seqlen: the longest segment, a host int (required).
             **kwargs: must be empty (an ``attention_mask`` here would mean a padded call on the packed path).
 
         Returns:
@@ -250,6 +250,8 @@ class KimiVLAttention(nn.Module):
         if kwargs:
             raise TypeError(f"KimiVLAttention.forward_varlen got unexpected arguments {sorted(kwargs)} (the packed path "
                             "takes no attention_mask: padding is a segment of its own)")
+        if cu_seqlens is None or max_seqlen is None:
+            raise ValueError("KimiVLAttention.forward_varlen needs cu_seqlens (S+1,) int32 and max_seqlen (host int)")
         if hidden_states.dim() != 2:
             raise ValueError(f"KimiVLAttention.forward_varlen takes hidden_states (N, D), got "
                              f"{tuple(hidden_states.shape)}")
