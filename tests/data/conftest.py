@@ -121,3 +121,109 @@ def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     generate_demo_data(out, samples=60, eval_samples=6, seed=0)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- bad-input corpus
+
+# One JSONL line per case, in this order; the value is the reason it is skipped with (None = good).
+BAD_CORPUS_REASONS: list[str | None] = [
+    None,  # 1 good messages sample with one image
+    "blank_line",  # 2
+    "corrupt_image",  # 3
+    "missing_image",  # 4
+    "image_outside_root",  # 5
+    "image_placeholder_mismatch",  # 6 LLaVA: an image but no <image> marker
+    "no_assistant_turn",  # 7
+    "empty_assistant_text",  # 8
+    "malformed_json",  # 9
+    "non_utf8",  # 10
+    "unknown_content_type",  # 11
+    "image_too_small",  # 12 5x5 px < min_image_side 14
+    "decompression_bomb",  # 13 header claims 100000 x 100000
+    "image_too_large",  # 14 header claims 14 x 100000: the grid would reach 1352 patches per side
+    None,  # 15 good LLaVA sample
+    None,  # 16 good ShareGPT text-only sample
+    None,  # 17 long text: overlong at packing_length 200 (dropped or truncated by policy)
+    None,  # 18 four 300x300 images (64 tokens each): the images alone exceed packing_length 200
+]
+BAD_CORPUS_LENGTH = 200  # packing_length the corpus is designed for
+
+
+def build_bad_corpus(root: Path) -> Path:
+    """Write root/data.jsonl (the lines of BAD_CORPUS_REASONS) and root/images/; returns the JSONL path."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    (images / "good.png").write_bytes(make_png(100, 80))
+    (images / "big.png").write_bytes(make_png(300, 300))
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png at all")
+    (images / "tiny.png").write_bytes(make_png(5, 5))
+    (images / "bomb.png").write_bytes(make_header_only_png(100_000, 100_000))
+    (images / "tall.png").write_bytes(make_header_only_png(14, 100_000))
+    (root.parent / "outside.png").write_bytes(make_png(64, 64))
+
+    def sample(image: str | None, question: str = "what color is the shape?", answer: Any = "red") -> dict:
+        content: list[dict] = [{"type": "image", "image": image}] if image else []
+        content.append({"type": "text", "text": question})
+        return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+
+    long_answer = " ".join(["red green blue yellow"] * 60)
+    rows: list[Any] = [
+        sample("images/good.png"),
+        b"",
+        sample("images/corrupt.png"),
+        sample("images/missing.png"),
+        sample("../outside.png"),
+        {
+            "image": "images/good.png",
+            "conversations": [{"from": "human", "value": "no marker"}, {"from": "gpt", "value": "x"}],
+        },
+        {"messages": [{"role": "user", "content": "anyone?"}]},
+        sample("images/good.png", answer="   "),
+        b'{"messages": [{"role": "user", "content": "unterminated',
+        b'{"messages": "\xff\xfe\xfd"}',
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        sample("images/tiny.png"),
+        sample("images/bomb.png"),
+        sample("images/tall.png"),
+        {
+            "image": "images/good.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat shape is it?"},
+                {"from": "gpt", "value": "circle"},
+            ],
+        },
+        {
+            "system": "be brief",
+            "conversations": [
+                {"from": "human", "value": "repeat the word: cat"},
+                {"from": "gpt", "value": "cat"},
+            ],
+        },
+        sample(None, question="repeat the words", answer=long_answer),
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": "images/big.png"}] * 4
+                    + [{"type": "text", "text": "which image has the red shape?"}],
+                },
+                {"role": "assistant", "content": "first"},
+            ]
+        },
+    ]
+    assert len(rows) == len(BAD_CORPUS_REASONS)
+    lines = [r if isinstance(r, bytes) else json.dumps(r).encode() for r in rows]
+    path = root / "data.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.fixture
+def bad_corpus(tmp_path: Path) -> Path:
+    """build_bad_corpus(tmp_path / "corpus"): the JSONL path."""
+    return build_bad_corpus(tmp_path / "corpus")

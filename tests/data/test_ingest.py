@@ -208,3 +208,128 @@ def test_cache_round_trip_and_invalidation(tmp_path: Path) -> None:
     save_cache(tmp_path / "cache" / "k1", result, "k1")
     (tmp_path / "missing.png").write_bytes(b"now here")  # a missing image appeared: stale too
     assert load_cache(tmp_path / "cache" / "k1", 0, "k1") is None
+
+
+# ----------------------------------------------------------------------------------------------- the bad-input corpus
+
+
+def _corpus_helpers():  # noqa: ANN202 - conftest is not importable as a module under importlib mode
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_data_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CORPUS = _corpus_helpers()
+
+
+def _length_pass(path: Path, model_dir: Path, on_bad_sample: str = "skip", **kw: object) -> list[FileResult]:
+    from vlmtune.data.ingest import LengthPassSettings, run_length_pass
+
+    options = {"workers": 0, "progress": False, **kw}
+    settings = LengthPassSettings(model_dir, on_bad_sample=on_bad_sample, **options)
+    return run_length_pass([DatasetSpec(path)], settings)
+
+
+@pytest.mark.parametrize("overlong", ["drop", "truncate_text"])
+def test_bad_corpus_fully_accounted_in_skip_mode(
+    bad_corpus: Path, tiny_model_dir: Path, overlong: str
+) -> None:
+    [result] = _length_pass(bad_corpus, tiny_model_dir)
+    reasons = [it.reason if isinstance(it, Rejected) else None for it in result.items]
+    assert reasons == CORPUS.BAD_CORPUS_REASONS  # every line, in order, with its exact reason
+    assert [it.location for it in result.items] == list(range(1, len(CORPUS.BAD_CORPUS_REASONS) + 1))
+    selected, [acc], examples = select_samples(
+        [result],
+        [DatasetSpec(bad_corpus)],
+        CORPUS.BAD_CORPUS_LENGTH,
+        None,
+        overlong,
+        seed=0,
+        on_bad_sample="skip",
+    )
+    expected_skips = {r: 1 for r in CORPUS.BAD_CORPUS_REASONS if r is not None}
+    assert acc.read == 18 and dict(acc.skipped) == expected_skips
+    if overlong == "drop":
+        assert dict(acc.dropped) == {"overlong": 1, "images_exceed_budget": 1}
+        assert acc.packed == 3 and acc.truncated == 0
+        assert [s.sample.location for s in selected] == [1, 15, 16]
+    else:
+        assert dict(acc.dropped) == {"images_exceed_budget": 1}
+        assert acc.packed == 4 and acc.truncated == 1
+        assert [s.sample.location for s in selected] == [1, 15, 16, 17]
+        assert selected[-1].sample.num_tokens == CORPUS.BAD_CORPUS_LENGTH and selected[-1].sample.truncated
+    assert acc.read == acc.packed + sum(acc.skipped.values()) + sum(acc.dropped.values())
+    assert examples["missing_image"][0].startswith(f"{bad_corpus}:line 4: image file ")
+
+
+@pytest.mark.parametrize("line", [k + 1 for k, r in enumerate(CORPUS.BAD_CORPUS_REASONS) if r is not None])
+def test_bad_sample_error_mode_names_file_line_and_reason(
+    tmp_path: Path, tiny_model_dir: Path, line: int
+) -> None:
+    full = CORPUS.build_bad_corpus(tmp_path / "corpus")
+    lines = full.read_bytes().split(b"\n")
+    path = full.with_name("one.jsonl")
+    path.write_bytes(lines[0] + b"\n" + lines[line - 1] + b"\n")  # a good line, then the bad one
+    reason = CORPUS.BAD_CORPUS_REASONS[line - 1]
+    with pytest.raises(IngestError, match=rf"{path}:line 2: bad sample \({reason}\): .*--on-bad-sample skip"):
+        _length_pass(path, tiny_model_dir, on_bad_sample="error")
+    [result] = _length_pass(path, tiny_model_dir, on_bad_sample="skip")
+    assert [getattr(it, "reason", None) for it in result.items] == [None, reason]
+
+
+def test_overlong_error_mode_names_the_sample(bad_corpus: Path, tiny_model_dir: Path) -> None:
+    [result] = _length_pass(bad_corpus, tiny_model_dir)
+    with pytest.raises(IngestError, match=rf"{bad_corpus}:line 17: .*tokens > packing_length 200"):
+        select_samples([result], [DatasetSpec(bad_corpus)], 200, None, "error", seed=0, on_bad_sample="skip")
+
+
+def test_measured_sample_matches_the_chat_template(demo_data_dir: Path, tiny_model_dir: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    from vlmtune.data.chat_template import apply_chat_template
+    from vlmtune.models.kimi_vl.image_processing import KimiVLImageProcessor
+    from vlmtune.models.kimi_vl.tokenization import KimiTokenizer
+
+    path = demo_data_dir / "train.jsonl"
+    [result] = _length_pass(path, tiny_model_dir, on_bad_sample="error")
+    tokenizer = KimiTokenizer.from_pretrained(tiny_model_dir)
+    processor = KimiVLImageProcessor.from_pretrained(tiny_model_dir)
+    media_pad = tokenizer.special_tokens["<|media_pad|>"]
+    lines = path.read_text().splitlines()
+    assert len(result.items) == len(lines) == 60
+    for item, line in zip(result.items, lines):
+        obj = json.loads(line)
+        assert isinstance(item, Measured) and item.sample_id == obj["id"]
+        blocks = [b for m in obj["messages"] if isinstance(m["content"], list) for b in m["content"]]
+        paths = [b["image"] for b in blocks if b["type"] == "image"]
+        sizes = [Image.open(demo_data_dir / p).size for p in paths]
+        assert item.grids == [processor.grid_hw(w, h) for w, h in sizes]
+        assert item.image_refs == [{"path": str(demo_data_dir / p)} for p in paths]
+        out = apply_chat_template(
+            obj["messages"], tokenizer, [processor.num_image_tokens(w, h) for w, h in sizes]
+        )
+        assert item.input_ids.tolist() == out.input_ids  # token for token what training will see
+        assert item.label_mask.astype(bool).tolist() == out.label_mask
+        assert item.image_spans == out.image_spans
+        for (s, e), (lo, hi) in zip(item.image_spans, item.protected):
+            assert set(item.input_ids[s:e].tolist()) == {media_pad}
+            assert item.input_ids[lo] == tokenizer.special_tokens["<|media_start|>"]
+            assert item.input_ids[hi - 1] == tokenizer.special_tokens["<|media_end|>"]
+            assert item.input_ids[s - 1] == tokenizer.special_tokens["<|media_content|>"]
+
+
+def test_workers_give_identical_results(bad_corpus: Path, tiny_model_dir: Path) -> None:
+    serial = _length_pass(bad_corpus, tiny_model_dir)[0].items
+    parallel = _length_pass(bad_corpus, tiny_model_dir, workers=2, chunk_size=3)[0].items
+    assert len(serial) == len(parallel)
+    for a, b in zip(serial, parallel):
+        assert type(a) is type(b) and a.location == b.location
+        if isinstance(a, Measured):
+            assert a.input_ids.tolist() == b.input_ids.tolist() and a.grids == b.grids
+        else:
+            assert (a.reason, a.message) == (b.reason, b.message)
