@@ -4,6 +4,7 @@ resume (mid-epoch, with workers, across world sizes), tail policies, step balanc
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 from collections import Counter
@@ -26,6 +27,7 @@ from vlmtune.data.loader import (
     imbalance_figures,
 )
 from vlmtune.data.pack_output import ImageRecord, PackReader, SampleRecord, ShardWriter, write_pack_output
+from vlmtune.models.kimi_vl.image_processing import KimiVLImageProcessor
 from vlmtune.train.loss import count_supervision, segment_ids_from_cu_seqlens, shift_labels
 
 # A miniature chat template with Kimi-VL's structure (ids stand in for the special tokens).
@@ -36,25 +38,7 @@ IMAGE_WORD = 13
 PAD_ID = 0
 
 
-class PatchProcessor:
-    """Deterministic stand-in for KimiVLImageProcessor: pad right/bottom to multiples of 28, patchify row-major."""
-
-    def grid_hw(self, width: int, height: int) -> tuple[int, int]:
-        return 2 * math.ceil(height / 28), 2 * math.ceil(width / 28)
-
-    def preprocess(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        pvs, grids = [], []
-        for image in images:
-            h, w = self.grid_hw(*image.size)
-            canvas = np.zeros((h * 14, w * 14, 3), dtype=np.float32)
-            canvas[: image.size[1], : image.size[0]] = np.asarray(image, dtype=np.float32) / 255.0
-            x = torch.from_numpy(canvas).reshape(h, 14, w, 14, 3)  # (h, 14, w, 14, 3)
-            pvs.append(x.permute(0, 2, 4, 1, 3).reshape(h * w, 3, 14, 14))  # (P_i, 3, 14, 14)
-            grids.append((h, w))
-        return {"pixel_values": torch.cat(pvs), "image_grid_hws": torch.tensor(grids)}
-
-
-PROC = PatchProcessor()
+PROC = KimiVLImageProcessor.kimi_vl_a3b()  # pad to multiples of 28 px: grid = 2 ceil(H/28) x 2 ceil(W/28)
 
 
 def _block(role: int, body: list[int], supervised: bool) -> tuple[list[int], list[bool]]:
@@ -237,7 +221,7 @@ def test_pack_tensors_match_stored_tokens_images_and_template(packs: Path, pad: 
                 for (a, b), im in zip(record.image_spans, record.images):
                     assert torch.all(batch.input_ids[0, s + a : s + b] == MEDIA_PAD)
                     n = im.num_patches
-                    want_pv = PROC.preprocess([reader.open_image(im.ref)])["pixel_values"]
+                    want_pv = PROC([reader.open_image(im.ref)])["pixel_values"]
                     assert torch.equal(batch.pixel_values[pv_offset : pv_offset + n], want_pv)
                     pv_offset += n
                     checked_images += 1
@@ -250,13 +234,9 @@ def test_pack_tensors_match_stored_tokens_images_and_template(packs: Path, pad: 
 
 
 def test_processed_grid_must_equal_stored_grid(packs: Path) -> None:
-    class Shifted(PatchProcessor):
-        def grid_hw(self, width: int, height: int) -> tuple[int, int]:
-            h, w = super().grid_hw(width, height)
-            return h + 2, w
-
-    loader = make_loader(packs, image_processor=Shifted())
-    with pytest.raises(LoaderError, match=r"patch grids \[\(6, 4\)\] but the packs were counted with \[\(4, 4\)\].*Re-run `vlmtune pack`"):
+    cropping = KimiVLImageProcessor.kimi_vl_a3b(pad_input=False)  # other settings than the packs were made with
+    loader = make_loader(packs, image_processor=cropping)
+    with pytest.raises(LoaderError, match=r"sample \d+ .*patch grids \[.*\] but the packs were counted with .*Re-run"):
         run_steps(loader, 3)
     with pytest.raises(LoaderError, match="no image_processor"):
         run_steps(make_loader(packs, image_processor=None), 3)
@@ -376,7 +356,7 @@ def test_resume_mid_epoch_with_workers_continues_with_exactly_the_remaining_batc
         state = first.state_dict()
         assert state["step"] == cut
         resumed = make_loader(packs, num_workers=workers, **kw)
-        resumed.load_state_dict(state)
+        resumed.load_state_dict(json.loads(json.dumps(state)))  # plain JSON, as a checkpoint stores it
         assert_runs_equal(run_steps(resumed, total - cut), reference[cut:])
 
 

@@ -34,6 +34,7 @@ exactly the batches that were still to come.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections import deque
@@ -182,7 +183,8 @@ class StepPlan:
         step: global step index. epoch / step_in_epoch: see `StepInfo`.
         packs: G packs, each the global sample indices in buffer order.
         pack_ids: one id per pack (manifest index, or position in an on-the-fly pack stream).
-        state_before: the schedule state from which this step is the next one (what a resume needs).
+        state_before: returns the schedule state from which this step is the next one (what a resume needs;
+            a function so that a schedule can share one snapshot between many steps and build the dict on demand).
     """
 
     step: int
@@ -190,7 +192,7 @@ class StepPlan:
     step_in_epoch: int
     packs: tuple[tuple[int, ...], ...]
     pack_ids: tuple[int, ...]
-    state_before: dict[str, Any]
+    state_before: Callable[[], dict[str, Any]]
 
 
 class Schedule(Protocol):
@@ -229,7 +231,7 @@ def process_images(image_processor: Any, images: list[Any]) -> tuple[torch.Tenso
             "this data holds images but the loader has no image_processor; pass "
             "image_processor=KimiVLImageProcessor.from_pretrained(MODEL_DIR)"
         )
-    out = image_processor.preprocess(images)
+    out = image_processor(images)
     pixel_values = torch.as_tensor(out["pixel_values"])
     grids = torch.as_tensor(out["image_grid_hws"], dtype=torch.long).reshape(-1, 2)  # (I, 2)
     return pixel_values, grids
@@ -369,7 +371,7 @@ class EpochPermutationSchedule:
             step_in_epoch=step - self.first_step(epoch),
             packs=tuple(self.source.pack_samples(i) for i in ids),
             pack_ids=tuple(int(i) for i in ids),
-            state_before={"step": step},
+            state_before=functools.partial(dict, step=step),
         )
 
     def next_plan(self) -> StepPlan:
@@ -512,7 +514,8 @@ class PackedLoader:
         pad_token_id: id of padding tokens (labels -100).
         num_workers: DataLoader worker processes that open and process images (``data.loader_workers``).
         balance: balance compute across ranks and micro-steps (``packing.balance_steps``).
-        image_processor: the model's image processor (``.preprocess(images)`` -> pixel_values, image_grid_hws).
+        image_processor: the model's image processor, called in the workers as ``image_processor(images)`` ->
+            {"pixel_values", "image_grid_hws"} (`KimiVLImageProcessor`).
         tail: "carry" or "drop" (module docstring).
         cost_model: the balancing cost (default: Kimi-VL-A3B coefficients).
         prefetch_factor: micro-batches each worker prepares ahead.
@@ -721,7 +724,7 @@ class PackedLoader:
             "step": first.step,
             "epoch": first.epoch,
             "step_in_epoch": first.step_in_epoch,
-            "schedule": first.state_before,
+            "schedule": first.state_before(),
             "source": self.source.fingerprint(),
         }
 
