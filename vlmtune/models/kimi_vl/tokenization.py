@@ -473,8 +473,8 @@ def train_bpe_ranks(corpus: str, num_merges: int) -> dict[bytes, int]:
 
     The corpus is pre-split with the Kimi ``pat_str``; the most frequent adjacent pair (ties: smallest pair of
     ids) is merged each step. Pair counts are updated incrementally (only the words containing the merged pair
-    are revisited; a lazy max-heap finds the next pair), so ~50k characters and ~1500 merges take about a
-    second. Deterministic: same corpus and count, same ranks.
+    are revisited; a lazy max-heap finds the next pair), so ~50k characters and ~1500 merges take ~0.2 s on one
+    CPU core. Deterministic: same corpus and count, same ranks.
 
     Raises:
         ValueError: ``num_merges`` < 0, or the corpus runs out of pairs before ``num_merges`` new tokens.
