@@ -27,6 +27,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlmtune.cli:validate",
     ),
     "demo-data": ("generate the deterministic demo data set (images + train/eval jsonl)", "data_tools.demo_data:main"),
+    "pack": ("count exact lengths and pack datasets into fixed-length buffers (manifest + shards + stats)",
+             "vlmtune.data.pack_cli:main"),
+    "inspect-pack": ("show one packed buffer: samples, positions, image spans, label mask",
+                     "vlmtune.data.pack_cli:inspect_main"),
+    "train": ("train a recipe with DeepSpeed ZeRO (one process, or under torchrun / vlmtune launch)",
+              "vlmtune.train.trainer:main"),
 }
 
 EXIT_USAGE = 2

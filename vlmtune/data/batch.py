@@ -111,6 +111,26 @@ class PackedBatch:
                     cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen, pixel_values=self.pixel_values,
                     image_grid_hws=self.image_grid_hws)
 
+    def to_padded(self) -> dict[str, Any]:
+        """The same real samples as a padded 2-D batch for the reference forward (``model.rmpad: false``).
+
+        Returns keyword arguments: input_ids (S, T), attention_mask (S, T), labels (S, T), pixel_values,
+        image_grid_hws; one row per real sample (the padding segment is dropped), T = longest sample.
+        """
+        bounds = self.cu_seqlens.tolist()
+        segs = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)][: self.num_samples]
+        T = max(e - s for s, e in segs)
+        S = len(segs)
+        ids = torch.zeros(S, T, dtype=torch.long, device=self.input_ids.device)
+        labels = torch.full((S, T), IGNORE_INDEX, dtype=torch.long, device=self.input_ids.device)
+        mask = torch.zeros(S, T, dtype=torch.long, device=self.input_ids.device)
+        for r, (s, e) in enumerate(segs):
+            ids[r, : e - s] = self.input_ids[0, s:e]
+            labels[r, : e - s] = self.labels[0, s:e]
+            mask[r, : e - s] = 1
+        return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=self.pixel_values,
+                    image_grid_hws=self.image_grid_hws)
+
     def segment_ids(self) -> torch.Tensor:
         """(N,) index of the segment each token belongs to."""
         n = self.num_tokens
