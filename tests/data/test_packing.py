@@ -387,3 +387,11 @@ def test_200k_samples_pack_in_under_20_seconds() -> None:
     elapsed = time.perf_counter() - start
     assert elapsed < 20.0
     assert result.stats.packs_over_lower_bound <= 1.002
+    # Worst case for the index: 100k packs share one token-room leaf (0.6 L items, then 0.4 L items).
+    n = 200_000
+    tok = np.r_[np.full(n // 2, 2458), np.full(n // 2, 1638)]
+    pat = np.random.default_rng(0).integers(0, 6000, n)
+    start = time.perf_counter()
+    result = pack_best_fit(tok, pat, 4096, 12288)
+    assert time.perf_counter() - start < 20.0
+    assert result.stats.packs == result.stats.lower_bound_packs == n // 2
