@@ -479,3 +479,26 @@ def test_opener_converts_modes(tmp_path: Path) -> None:
     path.write_bytes(buffer.getvalue())
     image = ImageOpener().open({"path": str(path)})
     assert image.mode == "RGB" and np.asarray(image)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_saved_dataset_dict_needs_a_split(tmp_path: Path, png) -> None:  # noqa: ANN001
+    import datasets
+
+    ds = _image_dataset(png, n=3)
+    datasets.DatasetDict({"train": ds, "test": ds.select([2])}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataFormatError, match=r"holds the splits \['test', 'train'\]"):
+        list(iter_raw_items(tmp_path / "dd"))
+    items = list(iter_raw_items(tmp_path / "dd", split="test"))
+    assert len(items) == 1 and count_items(tmp_path / "dd", "test") == 1
+    spec = DatasetSpec(tmp_path / "dd", split="test")
+    [source] = parse_item(items[0], spec).images
+    assert source.ref == {
+        "file": str(tmp_path / "dd"),
+        "row": 0,
+        "column": "images",
+        "index": 0,
+        "split": "test",
+    }
+    assert ImageOpener().open(source.ref).size == (28 + 14 * 2, 56)
+    with pytest.raises(DataFormatError, match="folders only"):
+        DatasetSpec(tmp_path / "x.jsonl", split="train")

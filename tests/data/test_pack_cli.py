@@ -469,6 +469,15 @@ def test_recipe_mode(tmp_path: Path, demo_data_dir: Path, tiny_model_dir: Path) 
     assert main(["--recipe", str(recipe), "--out", str(tmp_path / "other"), "--seed", "5", "--quiet"]) == 0
     assert PackReader(tmp_path / "other").settings["seed"] == 5
     assert main(["--recipe", str(recipe), "--data", str(demo_data_dir / "train.jsonl")]) == 2
+    # data.demo: true writes the demo set where data.train[0].path points when it is absent (as training does).
+    demo = tmp_path / "gen" / "train.jsonl"
+    recipe.write_text(
+        f"model: {{path: {tiny_model_dir}}}\n"
+        f"data: {{train: [{{path: {demo}}}], demo: true, on_bad_sample: skip}}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}, max_steps: 1, global_batch_size: 1}}\n"
+    )
+    assert main(["--recipe", str(recipe), "--quiet"]) == 0
+    assert demo.is_file() and PackReader(tmp_path / "run" / "packs").stats["samples_read"] == 600
 
 
 def test_parquet_with_image_bytes_end_to_end(tmp_path: Path, tiny_model_dir: Path, png) -> None:  # noqa: ANN001

@@ -113,18 +113,24 @@ class DatasetSpec:
             seeded subsample of round(frac(w) * n_good) of them (w = 0.5 keeps half, w = 2 repeats twice).
         format: "auto" (by key), "messages", "llava" or "sharegpt".
         image_root: folder that relative image paths start from (default: the data file's folder).
+        split: the split to read from a `datasets.save_to_disk` folder holding a DatasetDict (None for files).
     """
 
     path: Path
     weight: float = 1.0
     format: str = "auto"
     image_root: Path | None = None
+    split: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise DataFormatError(f"{self.path}: format {self.format!r} unknown; expected one of {FORMATS}")
         if not (self.weight >= 0.0) or self.weight == float("inf"):
             raise DataFormatError(f"{self.path}: weight {self.weight!r} must be a finite number >= 0")
+        if self.split is not None and not Path(self.path).is_dir():
+            raise DataFormatError(
+                f"{self.path}: split={self.split!r} applies to `datasets.save_to_disk` folders only; remove it"
+            )
 
     @property
     def root(self) -> Path:
@@ -193,9 +199,11 @@ def container_of(path: Path) -> str:
     """The container kind of a data path: "jsonl", "json", "parquet", "arrow" or "arrow_dir"."""
     path = Path(path)
     if path.is_dir():
-        if (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
+        if any((path / name).is_file() for name in ("state.json", "dataset_info.json", "dataset_dict.json")):
             return "arrow_dir"
-        raise DataFormatError(f"{path} is a folder but not a `datasets.save_to_disk` folder (no state.json)")
+        raise DataFormatError(
+            f"{path} is a folder but not a `datasets.save_to_disk` folder (no state.json / dataset_dict.json)"
+        )
     suffix = path.suffix.lower()
     kinds = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
     if suffix not in kinds:
@@ -220,7 +228,7 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def count_items(path: Path) -> int:
+def count_items(path: Path, split: str | None = None) -> int:
     """Number of raw items a file yields (JSONL: lines, including a last line without newline)."""
     kind = container_of(path)
     if kind == "jsonl":
@@ -232,10 +240,12 @@ def count_items(path: Path) -> int:
         return lines + (last != b"\n")
     if kind == "json":
         return len(_load_json_array(Path(path)))
-    return len(_open_arrow_dataset(Path(path), kind)) if kind != "parquet" else _parquet_rows(Path(path))
+    return (
+        len(_open_arrow_dataset(Path(path), kind, split)) if kind != "parquet" else _parquet_rows(Path(path))
+    )
 
 
-def iter_raw_items(path: Path, dataset: int = 0) -> Iterator[RawItem]:
+def iter_raw_items(path: Path, dataset: int = 0, split: str | None = None) -> Iterator[RawItem]:
     """Yield every raw item of a data file in order; never raises for one bad sample.
 
     Raises:
@@ -256,7 +266,7 @@ def iter_raw_items(path: Path, dataset: int = 0) -> Iterator[RawItem]:
     elif kind == "parquet":
         yield from _iter_parquet(path, dataset)
     else:
-        ds = _open_arrow_dataset(path, kind).with_format("arrow")
+        ds = _open_arrow_dataset(path, kind, split).with_format("arrow")
         row = 0
         for table in ds.iter(batch_size=256):
             for obj in table.to_pylist():
@@ -302,11 +312,21 @@ def _parquet_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def _open_arrow_dataset(path: Path, kind: str) -> Any:
+def _open_arrow_dataset(path: Path, kind: str, split: str | None = None) -> Any:
+    """A memory-mapped `datasets.Dataset` (one split of a saved DatasetDict when `split` is given)."""
     datasets = _quiet_datasets()
-    return (
-        datasets.load_from_disk(str(path)) if kind == "arrow_dir" else datasets.Dataset.from_file(str(path))
-    )
+    if kind != "arrow_dir":
+        return datasets.Dataset.from_file(str(path))
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None or split not in ds:
+            raise DataFormatError(
+                f"{path} holds the splits {sorted(ds)}; choose one with data.train[].split ({split!r} given)"
+            )
+        return ds[split]
+    if split is not None:
+        raise DataFormatError(f"{path} holds a single dataset, not splits; remove split={split!r}")
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -416,6 +436,8 @@ def image_source(
                 "unsupported_image_source", "raw image bytes inside a JSONL line are not supported"
             )
         ref = {"file": item.file, "row": item.location, "column": column, "index": index}
+        if spec.split is not None:
+            ref["split"] = spec.split
         return ImageSource(ref, bytes(value))
     if not isinstance(value, str) or not value:
         raise BadSample("invalid_sample", f"image value {str(value)[:60]!r} is not a path, bytes or URL")
@@ -679,7 +701,7 @@ class ImageOpener:
         """The encoded bytes an image reference points at."""
         if "path" in ref:
             return Path(ref["path"]).read_bytes()
-        value = self._cell(ref["file"], int(ref["row"]), ref["column"])
+        value = self._cell(ref["file"], int(ref["row"]), ref["column"], ref.get("split"))
         if ref["column"] == "messages":
             raise ValueError(f"image reference {ref} points into a messages column; not supported")
         if int(ref.get("index", -1)) >= 0:
@@ -703,14 +725,15 @@ class ImageOpener:
             image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
         return image.convert("RGB") if image.mode != "RGB" else image
 
-    def _cell(self, file: str, row: int, column: str) -> Any:
+    def _cell(self, file: str, row: int, column: str, split: str | None = None) -> Any:
         path = Path(file)
         kind = container_of(path)
         if kind == "parquet":
             return self._parquet_cell(file, row, column)
-        if file not in self._arrow:
-            self._arrow[file] = _open_arrow_dataset(path, kind).with_format("arrow")
-        return self._arrow[file][row : row + 1].column(column).to_pylist()[0]
+        key = f"{file}\0{split}"
+        if key not in self._arrow:
+            self._arrow[key] = _open_arrow_dataset(path, kind, split).with_format("arrow")
+        return self._arrow[key][row : row + 1].column(column).to_pylist()[0]
 
     def _parquet_cell(self, file: str, row: int, column: str) -> Any:
         import pyarrow.parquet as pq

@@ -140,6 +140,7 @@ class FileResult:
     items: list[Measured | Rejected]
     touched: list[str] = field(default_factory=list)  # image paths the workers opened (or tried to)
     from_cache: bool = False
+    sha256: str = ""  # content hash of the data file
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -322,7 +323,7 @@ def cache_key(spec: DatasetSpec, file_hash: str, model: dict[str, str], code: st
         "file_sha256": file_hash,
         "format": spec.format,
         "image_root": str(spec.root),
-        "split": getattr(spec, "split", None),
+        "split": spec.split,
         "verify_images": verify,
         "model": model,
         "code": code,
@@ -477,10 +478,7 @@ def _chunks(items: Iterator[RawItem], size: int) -> Iterator[list[RawItem]]:
 
 
 def _dataset_items(spec: DatasetSpec, dataset: int) -> Iterator[RawItem]:
-    split = getattr(spec, "split", None)
-    if split is not None and container_of(Path(spec.path)) != "arrow_dir":
-        raise ValueError(f"{spec.path}: split={split!r} applies to `datasets.save_to_disk` folders only")
-    return iter_raw_items(Path(spec.path), dataset)
+    return iter_raw_items(Path(spec.path), dataset, spec.split)
 
 
 def run_length_pass(specs: Sequence[DatasetSpec], settings: LengthPassSettings) -> list[FileResult]:
@@ -501,17 +499,19 @@ def run_length_pass(specs: Sequence[DatasetSpec], settings: LengthPassSettings) 
     code = code_hash()
     results: list[FileResult | None] = [None] * len(specs)
     todo: list[tuple[int, str, Path | None]] = []
+    hashes = [content_hash(Path(spec.path)) for spec in specs]
     for d, spec in enumerate(specs):
-        key = cache_key(spec, content_hash(Path(spec.path)), model, code, settings.verify_images)
+        key = cache_key(spec, hashes[d], model, code, settings.verify_images)
         entry = settings.cache_dir / key if settings.cache_dir is not None else None
         cached = load_cache(entry, d, key) if entry is not None else None
         if cached is not None:
+            cached.sha256 = hashes[d]
             _raise_first_bad(cached, settings.on_bad_sample)
             results[d] = cached
         else:
             todo.append((d, key, entry))
     if todo:
-        totals = {d: count_items(Path(specs[d].path)) for d, _, _ in todo}
+        totals = {d: count_items(Path(specs[d].path), specs[d].split) for d, _, _ in todo}
         workers = settings.workers
         if workers is None:
             workers = 0 if sum(totals.values()) < AUTO_WORKERS_MIN_ITEMS else min(8, os.cpu_count() or 1)
@@ -528,7 +528,7 @@ def run_length_pass(specs: Sequence[DatasetSpec], settings: LengthPassSettings) 
                     _raise_first_bad(FileResult(d, file, kind, chunk_items), settings.on_bad_sample)
                     items.extend(chunk_items)
                     touched.extend(chunk_touched)
-                result = FileResult(d, file, kind, items, touched)
+                result = FileResult(d, file, kind, items, touched, sha256=hashes[d])
                 if entry is not None:
                     save_cache(entry, result, key)
                 results[d] = result

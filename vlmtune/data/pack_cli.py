@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmtune.data.formats import DataFormatError, DatasetSpec, content_hash
+from vlmtune.data.formats import DataFormatError, DatasetSpec
 from vlmtune.data.ingest import (
     OVERLONG_POLICIES,
     Accounting,
@@ -224,7 +224,7 @@ def build_pack(specs: list[DatasetSpec], settings: PackSettings, console: Any = 
                 "weight": spec.weight,
                 "format": spec.format,
                 "image_root": str(spec.root),
-                "sha256": content_hash(Path(spec.path)),
+                "sha256": results[d].sha256,
                 **per_dataset[d].to_json(),
             }
             for d, spec in enumerate(specs)
@@ -472,6 +472,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _materialize_demo_data(recipe: Any) -> None:
+    """data.demo: true with data.train[0].path absent -> write the demo set there (as training would)."""
+    if not recipe.data.demo:
+        return
+    train = Path(recipe.data.train[0].path)
+    if train.exists():
+        return
+    if train.name != "train.jsonl":
+        raise DataFormatError(
+            f"data.demo is true but data.train[0].path {train} is not named train.jsonl; the demo generator "
+            "writes DIR/train.jsonl, so point the path at one"
+        )
+    from data_tools.demo_data import generate_demo_data
+
+    generate_demo_data(train.parent)
+
+
 def _settings_from_args(args: argparse.Namespace) -> tuple[list[DatasetSpec], PackSettings]:
     """Datasets and settings from the flags, or from --recipe with the flags on top."""
     base: dict[str, Any] = {
@@ -490,10 +507,18 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[list[DatasetSpec], Pa
         from vlmtune.config import load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
+        _materialize_demo_data(recipe)
+        if not Path(recipe.model.path).exists():
+            raise DataFormatError(
+                f"model.path {recipe.model.path} does not exist (model.preset={recipe.model.preset!r}); the pack "
+                "needs its tokenizer and preprocessor_config.json: create the model folder first"
+            )
         base.update(
             model=recipe.model.path,
             specs=[
-                DatasetSpec(Path(d.path), d.weight, d.format, Path(d.image_root) if d.image_root else None)
+                DatasetSpec(
+                    Path(d.path), d.weight, d.format, Path(d.image_root) if d.image_root else None, d.split
+                )
                 for d in recipe.data.train
             ],
             out=recipe.packing.pack_dir or Path(recipe.train.output_dir) / "packs",
@@ -505,9 +530,6 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[list[DatasetSpec], Pa
             on_bad_sample=recipe.data.on_bad_sample,
             overlong=recipe.data.overlong,
         )
-        for d in recipe.data.train:
-            if d.split is not None:
-                raise DataFormatError(f"data.train[].split={d.split!r} is not supported by vlmtune pack yet")
         if args.data:
             raise DataFormatError(
                 "pass the datasets either in the recipe (data.train) or with --data, not both"
