@@ -93,11 +93,12 @@ def _sdpa_varlen(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> torch.Tenso
         q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
         if q1 == q0:
             continue
-        qi = q[q0:q1].transpose(0, 1).to(dt)  # (H, L, Dh)
-        ki = k[k0:k1].transpose(0, 1).to(dt)  # (H, L, Dh)
-        vi = v[k0:k1].transpose(0, 1).to(dt)  # (H, L, Dv)
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale)  # (H, L, Dv)
-        outs.append(oi.transpose(0, 1))  # (L, H, Dv)
+        # 4-D inputs: PyTorch's fused CPU/GPU kernels only accept (B, H, L, Dh); 3-D falls back to the slow math path.
+        qi = q[q0:q1].transpose(0, 1).to(dt)[None]  # (1, H, L, Dh)
+        ki = k[k0:k1].transpose(0, 1).to(dt)[None]  # (1, H, L, Dh)
+        vi = v[k0:k1].transpose(0, 1).to(dt)[None]  # (1, H, L, Dv)
+        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=scale)  # (1, H, L, Dv)
+        outs.append(oi[0].transpose(0, 1))  # (L, H, Dv)
     if not outs:
         return v.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     return torch.cat(outs, dim=0).to(out_dtype)  # (N, H, Dv)
