@@ -344,6 +344,8 @@ def test_jsonl_read_as_bytes_every_line_counted(tmp_path: Path) -> None:
         except BadSample as err:
             reasons.append(err.reason)
     assert reasons == ["ok", "blank_line", "non_utf8", "malformed_json", "ok"]
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # a byte-order mark before the first line is tolerated
+    assert parse_item(next(iter_raw_items(path)), DatasetSpec(path)).messages[1]["role"] == "assistant"
 
 
 def test_json_array_and_file_errors(tmp_path: Path) -> None:

@@ -504,3 +504,26 @@ def test_parquet_with_image_bytes_end_to_end(tmp_path: Path, tiny_model_dir: Pat
         [image] = record.images
         assert image.ref == {"file": str(path), "row": record.location, "column": "images", "index": 0}
         assert reader.open_image(image.ref).size == (60 + 20 * record.location, 50)
+
+
+def test_default_cache_is_pruned_and_all_bad_data_gives_an_empty_pack(
+    tmp_path: Path, tiny_model_dir: Path, write_jsonl
+) -> None:  # noqa: ANN001
+    from vlmtune.data.pack_cli import default_cache_dir
+
+    out = tmp_path / "packs"
+    data = write_jsonl(
+        tmp_path / "bad.jsonl", [b"", b"{oops", {"messages": [{"role": "user", "content": "q"}]}]
+    )
+    cache = default_cache_dir(out)
+    stats = _pack(out, tiny_model_dir, data, cache_dir=cache, on_bad_sample="skip")
+    assert stats["samples_read"] == 3 and stats["samples_packed"] == 0 and stats["packs"] == 0
+    assert stats["samples_skipped"] == {"blank_line": 1, "malformed_json": 1, "no_assistant_turn": 1}
+    assert stats["fill_ratio"] == 0.0 and stats["lower_bound_packs"] == 0
+    reader = PackReader(out)
+    assert len(reader) == 0 and reader.num_samples == 0
+    [first_entry] = [p.name for p in cache.iterdir()]
+    data.write_bytes(data.read_bytes() + b"\n")  # new content: new key; the old entry is pruned
+    _pack(out, tiny_model_dir, data, cache_dir=cache, on_bad_sample="skip")
+    [second_entry] = [p.name for p in cache.iterdir()]
+    assert second_entry != first_entry

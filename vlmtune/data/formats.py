@@ -349,6 +349,8 @@ def decode_payload(item: RawItem) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise BadSample("non_utf8", f"line is not valid UTF-8 ({err}); re-encode the file as UTF-8") from err
+    if item.location == 1 and text.startswith("\ufeff"):
+        text = text[1:]  # a UTF-8 byte-order mark at the start of the file
     if not text.strip():
         raise BadSample("blank_line", "blank line")
     try:
@@ -431,9 +433,11 @@ def image_source(
         else:
             value = value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
-        if item.kind == "line":
+        if item.kind == "line" or column == "messages":
             raise BadSample(
-                "unsupported_image_source", "raw image bytes inside a JSONL line are not supported"
+                "unsupported_image_source",
+                "image bytes inside a JSONL line or inside the messages are not supported; store them in an "
+                "'images' column (list of {bytes, path}) and use {'type': 'image'} blocks without payload",
             )
         ref = {"file": item.file, "row": item.location, "column": column, "index": index}
         if spec.split is not None:

@@ -141,6 +141,7 @@ class FileResult:
     touched: list[str] = field(default_factory=list)  # image paths the workers opened (or tried to)
     from_cache: bool = False
     sha256: str = ""  # content hash of the data file
+    cache_key: str = ""
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -384,6 +385,18 @@ def save_cache(entry_dir: Path, result: FileResult, key: str) -> None:
         raise
 
 
+def prune_cache(cache_dir: Path, keep: set[str]) -> list[str]:
+    """Remove the entries of `cache_dir` whose key is not in `keep` (stale files of one output); returns them."""
+    removed = []
+    if not Path(cache_dir).is_dir():
+        return removed
+    for entry in Path(cache_dir).iterdir():
+        if entry.is_dir() and entry.name not in keep and (entry / "meta.json").is_file():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
 def load_cache(entry_dir: Path, dataset: int, key: str) -> FileResult | None:
     """One file's cached results, or None when absent, unreadable, or an image file changed since."""
     try:
@@ -505,7 +518,7 @@ def run_length_pass(specs: Sequence[DatasetSpec], settings: LengthPassSettings) 
         entry = settings.cache_dir / key if settings.cache_dir is not None else None
         cached = load_cache(entry, d, key) if entry is not None else None
         if cached is not None:
-            cached.sha256 = hashes[d]
+            cached.sha256, cached.cache_key = hashes[d], key
             _raise_first_bad(cached, settings.on_bad_sample)
             results[d] = cached
         else:
@@ -528,7 +541,7 @@ def run_length_pass(specs: Sequence[DatasetSpec], settings: LengthPassSettings) 
                     _raise_first_bad(FileResult(d, file, kind, chunk_items), settings.on_bad_sample)
                     items.extend(chunk_items)
                     touched.extend(chunk_touched)
-                result = FileResult(d, file, kind, items, touched, sha256=hashes[d])
+                result = FileResult(d, file, kind, items, touched, sha256=hashes[d], cache_key=key)
                 if entry is not None:
                     save_cache(entry, result, key)
                 results[d] = result

@@ -32,6 +32,7 @@ from vlmtune.data.ingest import (
     LengthPassSettings,
     Selected,
     model_hashes,
+    prune_cache,
     run_length_pass,
     select_samples,
 )
@@ -156,6 +157,8 @@ def build_pack(specs: list[DatasetSpec], settings: PackSettings, console: Any = 
     )
     results = run_length_pass(specs, pass_settings)
     length_seconds = time.perf_counter() - t0
+    if settings.cache_dir is not None and Path(settings.cache_dir) == default_cache_dir(out):
+        prune_cache(Path(settings.cache_dir), {r.cache_key for r in results})  # this output's own cache only
 
     selected, per_dataset, examples = select_samples(
         results,
@@ -442,7 +445,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", type=Path, help="take model, data and packing settings from this recipe")
     p.add_argument("--model", type=Path, help="model folder (tokenizer files + preprocessor_config.json)")
     p.add_argument("--data", type=Path, action="append", help="a data file (repeat for several datasets)")
-    p.add_argument("--weight", type=float, action="append", help="mixing weight of each --data (same order)")
+    p.add_argument(
+        "--weight",
+        type=float,
+        action="append",
+        help="epoch weight of each --data, same order: each sample floor(w) times plus a seeded subsample of "
+        "frac(w) of them once more (1 = once, 0.5 = half, 2 = twice)",
+    )
     p.add_argument(
         "--format", choices=["auto", "messages", "llava", "sharegpt"], help="sample layout (default auto)"
     )
