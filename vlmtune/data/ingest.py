@@ -39,6 +39,10 @@ sample fits; the label mask is cut with the same index set, so it stays aligned 
 Mixing weights (epoch semantics): a dataset of weight w contributes each kept sample floor(w) times, plus
 one more time for a subsample of round(frac(w) * n_kept) samples chosen with `random.Random(seed, dataset)`.
 w = 1 uses each sample once, w = 2.5 twice each plus half of them a third time, w = 0.25 a quarter of them.
+The weight is relative to the dataset's own size (not normalised over datasets). An offline pack output is
+one such epoch, drawn once: every training epoch over it sees the same subsample (re-pack with another seed
+for another draw). "packed" counts distinct samples stored in at least one pack; "pack_entries" counts their
+occurrences (packed x multiplicity).
 """
 
 from __future__ import annotations

@@ -429,6 +429,9 @@ def print_summary(stats: dict[str, Any], out: Path, console: Any = None) -> None
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
+    console.print(
+        f"wrote {out}: manifest.json, samples.jsonl, shards/, stats.json, plots/ (buffer_fill, sample_lengths)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- CLI
