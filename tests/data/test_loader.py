@@ -453,12 +453,79 @@ def test_balancing_reduces_the_imbalance_on_a_skewed_set(tmp_path: Path) -> None
             loader = PackedLoader(OfflinePackSource(path), micro_batch_size=1, global_batch_size=32, world_size=4,
                                   rank=r, seed=0, pad_to_length=None, pad_token_id=0, num_workers=0,
                                   balance=balance, image_processor=PROC, tail="drop")
-            loader._peek_epoch()  # plan only
-            plan = loader._ahead[0]
-            infos.append(loader.step_info(plan, *loader.assignment(plan)))
+            (info,) = loader.epoch_infos()  # plan only (one step: 32 packs, G = 32)
+            assert loader.step == 0
+            infos.append(info)
         assert len({i.rank_costs for i in infos}) == 1  # every rank computes the same figures
         figures[balance] = infos[0]
     plain, balanced = figures[False], figures[True]
     assert plain.imbalance > 1.8 and plain.microstep_imbalance > 1.8  # measured 1.907 and 1.907
     assert balanced.imbalance < 1.01 and balanced.microstep_imbalance < 1.1  # measured 1.003 and 1.070
     assert plain.imbalance / balanced.imbalance > 1.8
+
+
+# ----------------------------------------------------------------------------------------------- real pipeline
+
+
+@pytest.fixture(scope="module")
+def demo_pack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`vlmtune pack` over the demo data with a trained tiny tokenizer and the Kimi-VL-A3B image processor."""
+    from data_tools.demo_data import generate_demo_data
+    from vlmtune.data.formats import DatasetSpec
+    from vlmtune.data.pack_cli import PackSettings, build_pack
+    from vlmtune.models.kimi_vl.tokenization import build_tokenizer_files
+
+    root = tmp_path_factory.mktemp("demo_pack")
+    generate_demo_data(root / "demo", samples=40, eval_samples=6, seed=1)
+    tokenizer = build_tokenizer_files(root / "model", (root / "demo" / "train.jsonl").read_text(), 120)
+    processor = KimiVLImageProcessor.kimi_vl_a3b(in_token_limit=1024)
+    processor.save_pretrained(root / "model")
+    build_pack([DatasetSpec(root / "demo" / "train.jsonl")],
+               PackSettings(model_dir=root / "model", out=root / "packs", packing_length=1536, progress=False))
+    return {"packs": root / "packs", "tokenizer": tokenizer, "processor": processor}
+
+
+def test_real_pack_tensors_match_inspect_pack_and_the_chat_template(demo_pack: dict[str, Any]) -> None:
+    from vlmtune.data.pack_cli import describe_pack
+
+    reader = PackReader(demo_pack["packs"])
+    tok = demo_pack["tokenizer"]
+    loader = PackedLoader(demo_pack["packs"], micro_batch_size=1, global_batch_size=1, seed=0, pad_to_length=1536,
+                          pad_token_id=tok.pad_id, num_workers=0, balance=False,
+                          image_processor=demo_pack["processor"])
+    seen = 0
+    for batches, info in loader:  # one epoch: every pack once
+        (batch,) = batches
+        rows = describe_pack(reader, info.pack_ids[0])
+        assert batch.sample_ids == [row["index"] for row in rows]
+        assert batch.num_tokens == 1536 and batch.num_padding == 1536 - rows[-1]["positions"][1]
+        assert batch.image_grid_hws.tolist() == [list(g) for row in rows for g in row["grids"]]
+        pads = (batch.input_ids[0] == tok.media_pad_id).nonzero().flatten().tolist()
+        assert pads == [t for row in rows for s, e in row["image_spans"] for t in range(s, e)]
+        for k, row in enumerate(rows):
+            s, e = row["positions"]
+            assert (int(batch.cu_seqlens[k]), int(batch.cu_seqlens[k + 1])) == (s, e)
+            labels = batch.labels[0, s:e]
+            sup = labels != IGNORE_INDEX
+            assert int(sup.sum()) == row["supervised"] and not bool(sup[0])
+            assert batch.input_ids[0, s] == tok.im_system_id
+            runs = " ".join(f"{'+' if v else '-'}{n}" for v, n in _runs(sup.tolist()))
+            assert runs == row["label_runs"]
+            record = reader.sample(row["index"])
+            line = Path(record.source).read_text().splitlines()[record.location - 1]
+            answers = [m["content"] for m in json.loads(line)["messages"] if m["role"] == "assistant"]
+            # labels supervise exactly each assistant answer and its closing <|im_end|>, as the template renders
+            assert tok.decode(labels[sup].tolist()) == "".join(f"{a}<|im_end|>" for a in answers)
+            assert torch.equal(labels[sup], batch.input_ids[0, s:e][sup])
+            seen += 1
+    assert seen == 40 and loader.epoch == 1
+
+
+def _runs(values: list[bool]) -> list[tuple[bool, int]]:
+    out: list[tuple[bool, int]] = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1] = (v, out[-1][1] + 1)
+        else:
+            out.append((v, 1))
+    return out

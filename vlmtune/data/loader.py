@@ -667,6 +667,11 @@ class PackedLoader:
             balanced=self.balance,
         )
 
+    def epoch_infos(self) -> list[StepInfo]:
+        """The `StepInfo` of every step the next ``iter()`` yields (the rest of the epoch), from metadata only:
+        no image is opened and the position does not move (a dry run for logging or planning)."""
+        return [self.step_info(plan, *self.assignment(plan)) for plan in self._peek_epoch()]
+
     def _micro_samples(self, plan: StepPlan, assignment: list[list[list[int]]]) -> list[tuple[int, ...]]:
         """This rank's micro-batches of a step, each as its global sample indices in order."""
         return [tuple(s for i in micro for s in plan.packs[i]) for micro in assignment[self.rank]]
