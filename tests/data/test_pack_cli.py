@@ -527,3 +527,21 @@ def test_default_cache_is_pruned_and_all_bad_data_gives_an_empty_pack(
     _pack(out, tiny_model_dir, data, cache_dir=cache, on_bad_sample="skip")
     [second_entry] = [p.name for p in cache.iterdir()]
     assert second_entry != first_entry
+
+
+def test_a_packer_bug_never_reaches_the_disk(
+    tmp_path: Path, demo_data_dir: Path, tiny_model_dir: Path, monkeypatch
+) -> None:  # noqa: ANN001
+    from vlmtune.data import pack_cli
+
+    data = demo_data_dir / "train.jsonl"
+    real = pack_cli.run_packer
+    cases = {
+        "exactly once": lambda t, p, s: ([pk for pk in real(t, p, s)[0]][1:], {}),  # loses a pack
+        "exceeds a budget": lambda t, p, s: ([list(range(len(t)))], {}),  # everything in one buffer
+    }
+    for message, fake in cases.items():
+        monkeypatch.setattr(pack_cli, "run_packer", fake)
+        with pytest.raises(AssertionError, match=message):
+            _pack(tmp_path / "p", tiny_model_dir, data)
+        assert list(tmp_path.iterdir()) == []

@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,7 @@ class PackSettings:
         verify_images: Pillow verify() on every image in the length pass.
         progress: show progress bars and the summary table.
         shard_tokens: tokens per shard file.
+        extra: more settings to record in manifest.json (e.g. the recipe path).
     """
 
     model_dir: Path
@@ -184,7 +184,7 @@ def build_pack(specs: list[DatasetSpec], settings: PackSettings, console: Any = 
     )
     packing_seconds = time.perf_counter() - t0
     packs = [[int(entry_sample[e]) for e in pack] for pack in entry_packs]
-    _check_packs(packs, entry_sample, sample_tokens, sample_patches, settings)
+    _check_packs(entry_packs, packs, len(entry_sample), sample_tokens, sample_patches, settings)
 
     t0 = time.perf_counter()
     with atomic_output_dir(out) as tmp:
@@ -227,6 +227,7 @@ def build_pack(specs: list[DatasetSpec], settings: PackSettings, console: Any = 
                 "weight": spec.weight,
                 "format": spec.format,
                 "image_root": str(spec.root),
+                "split": spec.split,
                 "sha256": results[d].sha256,
                 **per_dataset[d].to_json(),
             }
@@ -247,17 +248,19 @@ def build_pack(specs: list[DatasetSpec], settings: PackSettings, console: Any = 
 
 
 def _check_packs(
+    entry_packs: list[list[int]],
     packs: list[list[int]],
-    entry_sample: np.ndarray,
+    num_entries: int,
     sample_tokens: np.ndarray,
     sample_patches: np.ndarray,
     settings: PackSettings,
 ) -> None:
-    """Every entry exactly once, no budget exceeded: a packer bug must never reach the disk."""
-    seen = Counter(i for pack in packs for i in pack)
-    expected = Counter(int(i) for i in entry_sample)
-    if seen != expected:
-        raise AssertionError("packer output does not hold every pack entry exactly once")
+    """Every pack entry exactly once, no budget exceeded: a packer bug must never reach the disk."""
+    entries = sorted(e for pack in entry_packs for e in pack)
+    if entries != list(range(num_entries)):
+        raise AssertionError(
+            f"packer output does not hold each of the {num_entries} pack entries exactly once"
+        )
     for k, pack in enumerate(packs):
         tokens, patches = int(sample_tokens[pack].sum()), int(sample_patches[pack].sum())
         if tokens > settings.packing_length or (
