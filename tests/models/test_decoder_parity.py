@@ -4,7 +4,7 @@ The oracle is used as published (``attn_implementation="sdpa"``, ``experts_imple
 True, eval mode: it computes no aux loss) on tiny random fp64 configs with randomised norms and router bias, covering
 q_lora_rank null AND set, n_group 1 AND > 1 (topk_group < n_group).
 
-State dicts are mapped by hand: our keys are the checkpoint keys (``language_model.`` stripped, as DeepseekV3ForCausalLM
+State dicts are mapped by hand (tests/models/_oracles.py, shared with the whole-model test): our keys are the checkpoint keys (``language_model.`` stripped, as DeepseekV3ForCausalLM
 has no such prefix); the oracle stores the experts fused, ``experts.gate_up_proj (E, 2I, D)`` = per expert
 ``cat([gate_proj.weight, up_proj.weight])`` (its forward does ``linear(x, gate_up_proj[e]).chunk(2)`` -> gate, up) and
 ``experts.down_proj (E, D, I)``.
@@ -19,20 +19,40 @@ to ~1e-15, which shows that the residual is the oracle's rounding and not a diff
 
 from __future__ import annotations
 
-import re
+import importlib.util
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
-dsv3 = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
-from transformers import DeepseekV3Config  # noqa: E402
+from vlmtune.models.kimi_vl import decoder as decoder_mod
+from vlmtune.models.kimi_vl.attention import KimiVLAttention
+from vlmtune.models.kimi_vl.configuration import KimiVLTextConfig, kimi_vl_a3b, kimi_vl_tiny
+from vlmtune.models.kimi_vl.decoder import KimiVLDecoderLayer, KimiVLLanguageModel, KimiVLTextModel
+from vlmtune.models.kimi_vl.moe import KimiVLMoE
 
-from vlmtune.models.kimi_vl import decoder as decoder_mod  # noqa: E402
-from vlmtune.models.kimi_vl.attention import KimiVLAttention  # noqa: E402
-from vlmtune.models.kimi_vl.configuration import KimiVLTextConfig, kimi_vl_a3b, kimi_vl_tiny  # noqa: E402
-from vlmtune.models.kimi_vl.decoder import KimiVLDecoderLayer, KimiVLLanguageModel, KimiVLTextModel  # noqa: E402
-from vlmtune.models.kimi_vl.moe import KimiVLMoE  # noqa: E402
+
+def _load_oracles() -> types.ModuleType:
+    """tests/models/_oracles.py (pytest's importlib mode puts no test folder on sys.path)."""
+    name = "vlmtune_tests_models_oracles"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_oracles.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+oracles = _load_oracles()
+dsv3 = oracles.dsv3
+_hf_config = oracles.hf_deepseek_config
+_oracle_state = oracles.oracle_decoder_state
 
 PUBLISHED_TOL = 1e-6  # vs the oracle as published (its fp32 casts), relative to max(1, max |oracle output|)
 LIFTED_TOL = 1e-12  # absolute, vs the oracle with its fp32 casts lifted to fp64
@@ -57,22 +77,6 @@ def _text_config(**overrides: object) -> KimiVLTextConfig:
     return KimiVLTextConfig(**base)
 
 
-def _hf_config(cfg: KimiVLTextConfig) -> DeepseekV3Config:
-    return DeepseekV3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        moe_intermediate_size=cfg.moe_intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
-        n_shared_experts=cfg.n_shared_experts, n_routed_experts=cfg.n_routed_experts,
-        routed_scaling_factor=cfg.routed_scaling_factor, kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, qk_nope_head_dim=cfg.qk_nope_head_dim,
-        n_group=cfg.n_group, topk_group=cfg.topk_group, num_experts_per_tok=cfg.num_experts_per_tok,
-        first_k_dense_replace=cfg.first_k_dense_replace, norm_topk_prob=cfg.norm_topk_prob,
-        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, rope_interleave=True,
-        attention_bias=False, tie_word_embeddings=False, pad_token_id=cfg.pad_token_id, bos_token_id=1,
-        eos_token_id=2, attn_implementation="sdpa", experts_implementation="eager")
-
-
 @torch.no_grad()
 def _randomise(module: torch.nn.Module) -> None:
     """Random weights everywhere, norms and router bias included, so no term can hide."""
@@ -88,68 +92,10 @@ def _randomise(module: torch.nn.Module) -> None:
             b.copy_(0.1 * torch.randn_like(b))
 
 
-def _oracle_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> the oracle's: routed experts fused, every other key unchanged."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for key, value in state.items():
-        m = re.match(r"^(|.*\.)experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
-        if m is None:
-            out[key] = value
-            continue
-        experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = value
-    for prefix, per_expert in experts.items():
-        order = sorted(per_expert)
-        out[f"{prefix}experts.gate_up_proj"] = torch.stack(
-            [torch.cat([per_expert[e]["gate_proj"], per_expert[e]["up_proj"]]) for e in order])  # (E, 2I, D)
-        out[f"{prefix}experts.down_proj"] = torch.stack([per_expert[e]["down_proj"] for e in order])  # (E, D, I)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# the oracle's fp32 casts, lifted (same formulas in promote_types(dtype, float32))
-# ------------------------------------------------------------------------------------------------------------------
-def _lifted_rmsnorm(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    ct = torch.promote_types(hidden_states.dtype, torch.float32)
-    h = hidden_states.to(ct)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-    return self.weight * h.to(hidden_states.dtype)
-
-
-def _lifted_router(self, hidden_states: torch.Tensor):
-    ct = torch.promote_types(hidden_states.dtype, torch.float32)
-    hidden_states = hidden_states.view(-1, self.hidden_dim)
-    router_logits = torch.nn.functional.linear(hidden_states.to(ct), self.weight.to(ct))
-    scores = router_logits.sigmoid()
-    scores_for_choice = scores + self.e_score_correction_bias
-    group_scores = scores_for_choice.view(-1, self.num_group, self.num_experts // self.num_group).topk(2, dim=-1)[0]
-    group_idx = torch.topk(group_scores.sum(dim=-1), k=self.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores.sum(dim=-1)).scatter_(1, group_idx, 1)
-    score_mask = (group_mask.unsqueeze(-1).expand(-1, self.num_group, self.num_experts // self.num_group)
-                  .reshape(-1, self.num_experts))
-    scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
-    topk_indices = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)[1]
-    topk_weights = scores.gather(1, topk_indices)
-    if self.norm_topk_prob:
-        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return router_logits, topk_weights * self.routed_scaling_factor, topk_indices
-
-
-def _lifted_rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
-    ct = torch.promote_types(x.dtype, torch.float32)
-    dim = self.config.qk_rope_head_dim
-    inv_freq = 1.0 / (self.config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=ct) / dim))
-    freqs = position_ids[..., None].to(ct) * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-
-
 @pytest.fixture(params=["published", "lifted"])
 def oracle_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "lifted":
-        monkeypatch.setattr(dsv3.DeepseekV3RMSNorm, "forward", _lifted_rmsnorm)
-        monkeypatch.setattr(dsv3.DeepseekV3TopkRouter, "forward", _lifted_router)
-        monkeypatch.setattr(dsv3.DeepseekV3RotaryEmbedding, "forward", _lifted_rotary)
+        oracles.lift_deepseek_to_fp64(monkeypatch)
     return request.param
 
 
