@@ -328,6 +328,17 @@ def test_carry_tail_uses_every_pack_once_per_epoch_and_drop_tail_drops_the_remai
         assert {info.epoch for _, info in got[e * (n // G) : (e + 1) * (n // G)]} == {e}
 
 
+def test_carry_with_fewer_packs_than_a_global_batch_still_uses_each_pack_once_per_epoch(packs: Path) -> None:
+    n = len(PackReader(packs))
+    G = 64  # more than the packs of one epoch: a step spans several epochs
+    steps = n // math.gcd(n, G)  # the first steps that end exactly at an epoch's end
+    epochs = steps * G // n
+    infos = [info for _, info in run_steps(make_loader(packs, global_batch_size=G), steps)]
+    counts = Counter(p for info in infos for p in info.pack_ids)
+    assert epochs > 2 and counts == Counter({p: epochs for p in range(n)})
+    assert [i.epoch for i in infos] == [k * G // n for k in range(steps)]
+
+
 def test_len_and_iteration_after_break_continue_from_the_next_step(packs: Path) -> None:
     loader = make_loader(packs, global_batch_size=4)
     per_epoch = loader.steps_per_epoch()
