@@ -8,8 +8,9 @@ collective): which packs form step k, and which rank and micro-step each of them
     assignment       out[r][j] = rank r's micro-batch j (`micro_batch_size` packs)
                      contiguous:  rank 0 <- p7 p2 p9 p0   rank 1 <- p4 p6 p1 p8      (balance=False)
                      balanced:    by `CostModel` cost, similar packs side by side in one micro-step (LPT over
-                                  ranks), heaviest share to the least loaded rank (`assign_packs`)
-    rank r           accum micro-batches, each = its bin's packs concatenated by `collate_samples`
+                                  ranks), heaviest share to the least loaded rank, heaviest micro-step first
+                                  (`assign_packs`)
+    rank r           accum micro-batches, each = its packs concatenated by `collate_samples`
 
 So the set of packs of step k does not depend on the world size, ranks take disjoint shares of it, and every
 rank runs exactly accum = G / (micro x world) micro-batches per step. Because the plan is counted in global
@@ -26,8 +27,10 @@ Iteration: ``for micro_batches, info in loader:`` yields the rest of the current
 time (this rank's `PackedBatch` list and a `StepInfo`); the next ``iter()`` continues with the next epoch. Breaking
 out of the loop and iterating again continues with the first step not yet yielded.
 
-Images are opened and processed in DataLoader worker processes (``num_workers``); every micro-batch is a pure
-function of its index in the plan, so 0 and 2 workers give identical batches. `state_dict()` records the first
+At the start of an epoch the loader plans all of its remaining steps from metadata (pack ids, lengths, grids,
+label-mask counts: no image) and hands this rank's micro-batches to a `torch.utils.data.DataLoader`, whose worker
+processes (``num_workers``, restarted every epoch) open and process the images. Every micro-batch is a pure
+function of its index in the plan, so 0 and 2 workers give identical batches, and workers hold no state to save. `state_dict()` records the first
 step not yet yielded (and, for on-the-fly sources, the packer state at that point): `load_state_dict` resumes with
 exactly the batches that were still to come.
 """
@@ -509,8 +512,9 @@ class PackedLoader:
         global_batch_size: packs per optimizer step over all ranks (``train.global_batch_size``).
         world_size: data-parallel ranks. rank: this rank.
         seed: epoch e shuffles with seed + e (``train.seed``).
-        pad_to_length: pad each pack's share to this many tokens (a micro-batch then holds exactly
-            micro_batch_size x pad_to_length tokens, the padding as one final segment); None = no padding.
+        pad_to_length: tokens per pack for stable memory (``packing.packing_length`` when
+            ``packing.pad_to_length``): every micro-batch is padded at its end to exactly micro_batch_size x
+            pad_to_length tokens, the padding being one final segment with labels -100; None = no padding.
         pad_token_id: id of padding tokens (labels -100).
         num_workers: DataLoader worker processes that open and process images (``data.loader_workers``).
         balance: balance compute across ranks and micro-steps (``packing.balance_steps``).
