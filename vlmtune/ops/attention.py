@@ -10,16 +10,23 @@ Every attention call in vlmtune, the decoder's causal MLA and MoonViT's non-caus
 Backends (chosen explicitly; ``auto`` resolves once and the choice is logged):
 
 * ``flash_attn``   the flash-attn package's ``flash_attn_varlen_func`` (CUDA only, optional ``[gpu]`` extra).
-* ``torch_varlen`` PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (flash kernels on CUDA, no extra package).
+* ``torch_varlen`` PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (flash kernels on CUDA, no extra package;
+                   torch >= 2.10, whose ``is_causal=`` later became ``window_size=``: both are handled).
 * ``sdpa_varlen``  exact per-segment ``scaled_dot_product_attention``: memory O(sum L_i^2); CPU and GPU, fwd and bwd.
 * ``sdpa_masked``  one dense SDPA with an (N, N) block-diagonal mask. O(N^2) memory: a reference for tests only.
 
-``auto`` = flash_attn on CUDA when installed, else torch_varlen on CUDA, else sdpa_varlen.
+``auto`` = flash_attn on CUDA when installed, else torch_varlen on CUDA (when this torch has it), else sdpa_varlen.
+The flash backends run fp16/bf16 only, and pad MLA's v (Dv < Dh) with zeros to Dh, slicing the output back.
+
+No device-to-host sync per layer: max_seqlen is a host int from the collator, the flash backends read cu_seqlens on
+the device, and ``sdpa_varlen`` reads it to the host once per cu_seqlens tensor (:func:`host_bounds`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import logging
 from collections.abc import Callable
 
@@ -41,6 +48,15 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def torch_varlen_available() -> bool:
+    """True when this torch has ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_backend(name: str, device: torch.device | str) -> str:
     """Turn a recipe's attention choice into a concrete backend for ``device``; errors, never silently falls back.
 
@@ -53,13 +69,17 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     """
     device = torch.device(device)
     if name == "auto":
-        if device.type == "cuda":
-            chosen = "flash_attn" if flash_attn_available() else "torch_varlen"
+        if device.type == "cuda" and flash_attn_available():
+            chosen, why = "flash_attn", "CUDA, flash-attn installed"
+        elif device.type == "cuda" and torch_varlen_available():
+            chosen, why = "torch_varlen", "CUDA, flash-attn not installed, torch has varlen_attn"
+        elif device.type == "cuda":
+            chosen, why = "sdpa_varlen", (f"CUDA, but neither flash-attn nor torch.nn.attention.varlen (torch "
+                                          f"{torch.__version__}): exact per-segment SDPA, slower on long packs")
         else:
-            chosen = "sdpa_varlen"
-        if chosen not in _LOGGED:
-            logger.info("attention backend: auto -> %s (device %s, flash-attn installed: %s)",
-                        chosen, device.type, flash_attn_available())
+            chosen, why = "sdpa_varlen", f"device {device.type}"
+        if chosen not in _LOGGED:  # once per process and backend, however many models or calls resolve it
+            logger.info("attention backend: auto -> %s (%s)", chosen, why)
             _LOGGED.add(chosen)
         return chosen
     if name not in BACKENDS:
@@ -71,8 +91,13 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
             raise AttentionBackendError(
                 "attention backend flash_attn requested but the flash-attn package is not installed: "
                 "`pip install vlmtune[gpu]`, or set model.attention=torch_varlen (PyTorch's own varlen flash kernels)")
-    if name == "torch_varlen" and device.type != "cuda":
-        raise AttentionBackendError("attention backend torch_varlen needs CUDA; use sdpa_varlen on CPU (or auto)")
+    if name == "torch_varlen":
+        if device.type != "cuda":
+            raise AttentionBackendError("attention backend torch_varlen needs CUDA; use sdpa_varlen on CPU (or auto)")
+        if not torch_varlen_available():
+            raise AttentionBackendError(
+                f"attention backend torch_varlen needs torch.nn.attention.varlen (torch >= 2.10), this is torch "
+                f"{torch.__version__}: upgrade torch, install flash-attn (model.attention=flash_attn), or use sdpa_varlen")
     return name
 
 
@@ -83,11 +108,32 @@ def _sdpa_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` as a host list, read once per tensor (cached on it, keyed on its version counter).
+
+    The decoder hands the SAME cu_seqlens tensor to every layer, so on CUDA the per-segment backend pays one
+    device-to-host copy per batch, not one per layer (the fused backends never read it on the host).
+    """
+    cached = getattr(cu_seqlens, "_vlmtune_host_bounds", None)
+    if cached is not None and cached[0] == cu_seqlens._version:
+        return cached[1]
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    try:
+        cu_seqlens._vlmtune_host_bounds = (cu_seqlens._version, bounds)
+    except (AttributeError, RuntimeError):  # tensors that take no attributes (e.g. under tracing): just no cache
+        pass
+    return bounds
+
+
 def _sdpa_varlen(q, k, v, cu_q, cu_k, causal: bool, scale: float) -> torch.Tensor:
     out_dtype = v.dtype
     dt = _sdpa_dtype(q)
-    bounds_q = cu_q.tolist()
-    bounds_k = bounds_q if cu_k is cu_q else cu_k.tolist()
+    bounds_q = host_bounds(cu_q)
+    bounds_k = bounds_q if cu_k is cu_q else host_bounds(cu_k)
+    if bounds_q[-1] != q.shape[0] or bounds_k[-1] != k.shape[0] or len(bounds_q) != len(bounds_k):
+        raise ValueError(f"varlen_attention: cu_seqlens_q ends at {bounds_q[-1]} for {q.shape[0]} queries, "
+                         f"cu_seqlens_k at {bounds_k[-1]} for {k.shape[0]} keys ({len(bounds_q) - 1} vs "
+                         f"{len(bounds_k) - 1} segments); they must end at N and describe the same segments")
     outs = []
     for i in range(len(bounds_q) - 1):
         q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
@@ -136,21 +182,49 @@ def _pad_v(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, int]:
     return F.pad(v, (0, q.shape[-1] - dv)), dv
 
 
+def _check_half(backend: str, q: torch.Tensor) -> None:
+    # Flash kernels run fp16/bf16 on CUDA only; say so instead of surfacing a kernel assertion.
+    if q.device.type != "cuda":
+        raise AttentionBackendError(f"attention backend {backend} needs CUDA tensors, got {q.device}; use sdpa_varlen")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise AttentionBackendError(f"attention backend {backend} runs fp16/bf16 only, got {q.dtype}: train in bf16 "
+                                    "(model.dtype) or use attention=sdpa_varlen for fp32/fp64")
+
+
 def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func  # lazy: optional [gpu] extra
 
+    _check_half("flash_attn", q)
     vp, dv = _pad_v(q, v)
     out = flash_attn_varlen_func(q, k, vp, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
                                  softmax_scale=scale, causal=causal)
     return out[..., :dv]
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
+    _check_half("torch_varlen", q)
     vp, dv = _pad_v(q, v)
-    out = varlen_attn(q, k, vp, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, scale=scale,
-                      window_size=(-1, 0) if causal else (-1, -1))
+    params = _torch_varlen_params()
+    kwargs: dict = {}
+    # torch 2.10 takes is_causal=; later versions take window_size=(-1, 0) for causal instead.
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif causal:
+        kwargs["is_causal"] = True
+    if "scale" in params:
+        kwargs["scale"] = scale
+    else:  # no scale argument: the kernel uses 1/sqrt(Dh); fold our scale into q
+        q = q * (scale * q.shape[-1] ** 0.5)
+    out = varlen_attn(q, k, vp, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, **kwargs)
     return out[..., :dv]
 
 
@@ -179,6 +253,12 @@ def varlen_attention(
     Returns:
         (N, H, Dv) attention output in v's dtype.
     """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"varlen_attention takes packed (N, H, Dh) q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.shape[1] == k.shape[1] == v.shape[1] and q.shape[2] == k.shape[2] and k.shape[0] == v.shape[0]):
+        raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree "
+                         "(same heads H everywhere, same Dh for q and k, same N for k and v)")
     if backend == "auto":
         backend = resolve_backend("auto", q.device)
     fn: Callable | None = {

@@ -94,46 +94,71 @@ def _targets(vlm: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return out
 
 
+def _installed(module: nn.Module, method: str) -> bool:
+    """True when ``module.forward`` is, on the instance, ``method`` of its class bound to ``module`` itself."""
+    fn = module.__dict__.get("forward")
+    return (getattr(fn, "__func__", None) is getattr(type(module), method, None)
+            and getattr(fn, "__self__", None) is module)
+
+
 def apply_rmpad(model: nn.Module, attention: str = "auto") -> nn.Module:
     """Install the unpadded varlen forwards on ``model``'s instances (see the module docstring).
 
+    Every target is checked before anything is touched, and a swap that does not take is rolled back: the model is
+    either fully patched or left as it was. Calling it again is a no-op (or switches the backend).
+
     Args:
         model: a KimiVLForConditionalGeneration, or any wrapper holding one (peft, DeepSpeed engine module).
-        attention: ``auto`` or a backend of :mod:`vlmtune.ops.attention`; resolved for the model's device and logged.
+        attention: ``auto`` or a backend of :mod:`vlmtune.ops.attention`; resolved for the model's device. ``auto``
+            is logged once per process with the reason of the choice.
 
     Returns:
         ``model`` itself (patched in place).
 
     Raises:
         RmpadError: naming the module that could not be patched.
+        AttentionBackendError: the backend cannot run on the model's device (e.g. flash_attn on CPU).
     """
     vlm = _find_vlm(model)
     backend = resolve_backend(attention, vlm.device if vlm.device.type != "meta" else "cpu")
-    for name, module, method in _targets(vlm):
-        fn = getattr(type(module), method, None)
-        if fn is None:
-            raise RmpadError(f"apply_rmpad: module `{name or 'model'}` ({type(module).__name__}) has no {method}()")
-        module.forward = types.MethodType(fn, module)
+    targets = _targets(vlm)
+    for name, module, method in targets:
+        if not callable(getattr(type(module), method, None)):
+            raise RmpadError(f"apply_rmpad: module `{name or 'model'}` ({type(module).__name__}) has no {method}(); "
+                             "rmpad cannot run this model (nothing was patched)")
+    if all(_installed(m, method) and getattr(m, _FLAG, None) == backend for _, m, method in targets):
+        logger.debug("rmpad already applied with attention backend %s", backend)
+        return model
+    saved = [(m, dict(m.__dict__)) for _, m, _ in targets]
+    for _, module, method in targets:
+        module.forward = types.MethodType(getattr(type(module), method), module)
         module.attn_backend = backend
         setattr(module, _FLAG, backend)
-    bad = [name or "model" for name, module, method in _targets(vlm)
-           if getattr(module, _FLAG, None) != backend
-           or getattr(module.forward, "__func__", None) is not getattr(type(module), method)]
+    bad = [name or "model" for name, module, method in targets
+           if not _installed(module, method) or getattr(module, _FLAG, None) != backend
+           or getattr(module, "attn_backend", None) != backend]
     if bad:
-        raise RmpadError(f"apply_rmpad: the varlen forward did not take on {bad}")
-    logger.info("rmpad applied: %d modules patched, attention backend %s", len(_targets(vlm)), backend)
+        for module, before in saved:  # roll back: never leave a half-patched model behind
+            for key in ("forward", "attn_backend", _FLAG):
+                module.__dict__.pop(key, None)
+                if key in before:
+                    module.__dict__[key] = before[key]
+        raise RmpadError(f"apply_rmpad: the varlen forward did not take on {bad} (their class intercepts attribute "
+                         "assignment or forward); nothing was patched")
+    logger.info("rmpad applied: %d modules patched (VLM, decoder, %d decoder attentions, %d vision blocks), "
+                "attention backend %s", len(targets), len(vlm.language_model.model.layers),
+                len(vlm.vision_tower.encoder.blocks), backend)
     return model
 
 
 def is_rmpad_applied(model: nn.Module) -> bool:
-    """True when every module rmpad must patch carries the varlen forward."""
+    """True when every module rmpad must patch carries the varlen forward, bound to itself."""
     try:
         vlm = _find_vlm(model)
+        targets = _targets(vlm)
     except RmpadError:
         return False
-    return all(getattr(m, _FLAG, None) is not None and "forward" in m.__dict__
-               and m.__dict__["forward"].__func__ is getattr(type(m), method)
-               for _, m, method in _targets(vlm))
+    return all(getattr(m, _FLAG, None) is not None and _installed(m, method) for _, m, method in targets)
 
 
 def rmpad_backend(model: nn.Module) -> str | None:

@@ -215,7 +215,10 @@ class KimiVLForConditionalGeneration(nn.Module):
         num_seq = int((attention_mask.sum(-1) > 0).sum())
         out = KimiVLOutput(aux_loss=self._aux(aux_sum, num_seq), aux_loss_sum=aux_sum, num_sequences=num_seq)
         if labels is not None:
+            # A padding position predicts nothing: with left padding its shifted target would be the row's first
+            # real token, which the unpadded path (rightly) never supervises.
             targets = shift_labels(labels.masked_fill(attention_mask == 0, IGNORE_INDEX))  # (B, T)
+            targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
             rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)  # (B, T) sample = row
             out.loss, out.num_supervised_tokens = self._loss(hidden.reshape(B * T, -1), targets.reshape(-1),
                                                              rows.reshape(-1), loss_reduction, loss_denominators)
@@ -285,7 +288,7 @@ class KimiVLForConditionalGeneration(nn.Module):
         embeds = self.embed(ids, pixel_values, image_grid_hws)  # (N, D)
         hidden, aux_sum = self.language_model.model(inputs_embeds=embeds, position_ids=pos,
                                                     cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen))  # (N, D)
-        num_seq = int(cu_seqlens.numel() - 1)
+        num_seq = int((cu_seqlens[1:] > cu_seqlens[:-1]).sum())  # non-empty segments (an all-padding row is none)
         out = KimiVLOutput(aux_loss=self._aux(aux_sum, num_seq), aux_loss_sum=aux_sum, num_sequences=num_seq)
         if targets is not None:
             seg = segment_ids_from_cu_seqlens(cu_seqlens, n)  # (N,)
