@@ -32,10 +32,15 @@ token): data-parallel ranks then always reduce the same set of gradients.
 Backends for the expert compute (``KimiVLMoE.expert_backend``):
 
 * ``loop`` (default): the ModuleList experts applied one by one; exact in every dtype, and wraps peft LoRA layers.
-* ``grouped_mm``: ``torch.nn.functional.grouped_mm`` on the stacked expert weights (fp32 / bf16 / fp16 only, row strides
-  multiples of 16 bytes, plain nn.Linear experts). Measured on CPU with torch 2.13 by ``benchmarks/moe_dispatch.py``
-  (the stack of the weights every call costs more than it saves there); see that file's docstring for the figures.
-  Requesting it where it cannot run is an error, never a silent fallback.
+* ``grouped_mm``: ``torch.nn.functional.grouped_mm`` on the expert weights stacked from the ModuleList (fp32 / bf16 /
+  fp16 only, row strides multiples of 16 bytes, plain nn.Linear experts; its CPU backward also rejects zero-stride
+  output gradients, which this graph never produces). Measured on CPU (torch 2.13, one thread,
+  ``benchmarks/moe_dispatch.py --sweep``, expert compute fwd+bwd): about 1.1x faster than the loop at D 256 / I 128,
+  even at D 512 / I 256, and about 3x SLOWER at the A3B expert size (D 2048, I 1408, 512 tokens): re-stacking the
+  3 x 64 expert weights every call (and splitting their gradients back) costs more than 64 matmul launches, and the
+  stacked copy stays alive for backward. So ``loop`` is the default and grouped_mm is opt-in; requesting it where it
+  cannot run is an error naming the reason, never a silent fallback. (A fused (E, I, D) parameter layout would remove
+  the stacking, but peft LoRA could no longer wrap the experts and the checkpoint keys would change.)
 """
 
 from __future__ import annotations
