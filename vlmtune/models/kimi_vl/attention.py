@@ -163,12 +163,13 @@ class KimiVLAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(*lead, self.num_heads, self.qk_head_dim)  # (..., H*Dqk) -> (..., H, Dqk)
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)  # (..., H, Dnope|Drope)
 
+        # (..., kv_lora_rank + Drope) -> latent c_kv (..., kv_lora_rank) and the shared k_rope (..., Drope)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(c_kv))
         kv = kv.view(*lead, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)  # (..., H, Dnope + Dv)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # (..., H, Dnope), (..., H, Dv)
 
         cos, sin = rope_cos_sin(position_ids, self.qk_rope_head_dim, self.rope_theta, x.dtype)  # (..., Drope/2)
         q_rope = apply_rope_interleaved(q_rope, cos, sin)  # (..., H, Drope)

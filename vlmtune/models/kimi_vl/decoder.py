@@ -108,7 +108,7 @@ class KimiVLDecoderLayer(nn.Module):
         else:
             y = self.mlp(x)
             aux = h.new_zeros((), dtype=compute_dtype(h.dtype))
-        return h + y.view(h.shape), aux
+        return h + y.view(h.shape), aux  # (N, D) -> (B, T, D) or (N, D)
 
 
 class KimiVLTextModel(nn.Module):

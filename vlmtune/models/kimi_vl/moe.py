@@ -235,7 +235,8 @@ class KimiVLMoE(nn.Module):
 
     def _experts_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """(N*K, D) expert-sorted tokens -> (N*K, D): expert e applied once to its slice (also when empty)."""
-        return torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts))])
+        chunks = xs.split(counts)  # E slices (count_e, D), contiguous
+        return torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (N*K, D)
 
     def _experts_grouped_mm(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`_experts_loop` with three grouped matmuls over the stacked expert weights."""
@@ -331,7 +332,7 @@ class KimiVLMoE(nn.Module):
             aux = sequence_aux_loss(scores, topk_idx, segment_ids, int(num_segments), self.aux_loss_alpha)
         else:
             aux = scores.sum() * 0.0  # exact zero, connected to the router's graph
-        return out.view(shape), aux
+        return out.view(shape), aux  # (N, D) -> (..., D)
 
     # ------------------------------------------------------------------------------------------------------------
     # aux-loss-free balancing
