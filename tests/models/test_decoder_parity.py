@@ -284,6 +284,25 @@ def test_varlen_equals_padded_and_each_sequence_alone() -> None:
     assert worst <= 1e-10
 
 
+def test_trailing_padding_segment_adds_no_aux_loss_or_load() -> None:
+    lm = _tiny_lm().train()
+    model = lm.model
+    ids = torch.randint(3, lm.config.vocab_size - 1, (14,))
+    cu = torch.tensor([0, 9, 14], dtype=torch.int32)
+    h, aux = model.forward_varlen(input_ids=ids, cu_seqlens=cu, max_seqlen=9)
+    loads = [moe.last_expert_load.clone() for _, moe in model.moe_layers()]
+    padded_ids = torch.cat([ids, torch.full((4,), lm.config.pad_token_id)])
+    cu_pad = torch.tensor([0, 9, 14, 18], dtype=torch.int32)
+    h_pad, aux_pad = model.forward_varlen(input_ids=padded_ids, cu_seqlens=cu_pad, max_seqlen=9, num_padding=4)
+    assert (h_pad[:14] - h).abs().max().item() <= 1e-12
+    assert abs(aux_pad.item() - aux.item()) <= 1e-15
+    assert all(torch.equal(moe.last_expert_load, load) for (_, moe), load in zip(model.moe_layers(), loads))
+    _, aux_counted = model.forward_varlen(input_ids=padded_ids, cu_seqlens=cu_pad, max_seqlen=9)
+    assert aux_counted.item() > aux.item()  # without num_padding the padding is a sequence like any other
+    with pytest.raises(ValueError, match="num_padding"):
+        model(input_ids=padded_ids[None], num_padding=4)
+
+
 def test_rmpad_style_instance_swap() -> None:
     """rmpad installs forward_varlen as forward on the instances; the layers pass the kwargs through untouched."""
     lm = _tiny_lm().eval()

@@ -19,7 +19,8 @@ Two layouts go through ONE stack of layers (:meth:`KimiVLTextModel._run_layers`)
       tokens        a0 a1 a2 | b0 b1 | pad pad     N = 7
       cu_seqlens    0 3 5 7                        S = 3 (padding up to the buffer is a segment of its own)
       position_ids  0 1 2 0 1 0 1
-      segment_ids   0 0 0 1 1 2 2                  which sequence each token is in (MoE aux loss per sequence)
+      segment_ids   0 0 0 1 1 2 2                  which sequence each token is in (MoE aux loss per sequence);
+                    0 0 0 1 1 -1 -1                with num_padding=2: the padding leaves the aux loss and the load
 
 The attention module picks the layout from its inputs (``attention_mask`` vs ``cu_seqlens``; ``apply_rmpad`` installs
 ``forward_varlen`` as ``forward`` on each instance); the MLP and MoE work on flattened tokens either way. Every forward
@@ -180,6 +181,7 @@ class KimiVLTextModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        num_padding: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded reference forward (a call with ``cu_seqlens`` is handed to :meth:`forward_varlen`).
 
@@ -187,7 +189,7 @@ class KimiVLTextModel(nn.Module):
             input_ids: (B, T) or inputs_embeds: (B, T, D).
             attention_mask: (B, T) 1 = real token (None = all real). Each row is one sequence.
             position_ids: (B, T); default ``cumsum(attention_mask) - 1`` clamped at 0 (positions count real tokens).
-            cu_seqlens, max_seqlen: a packed call, see :meth:`forward_varlen`.
+            cu_seqlens, max_seqlen, num_padding: a packed call, see :meth:`forward_varlen`.
 
         Returns:
             (hidden (B, T, D) after the final norm, aux_sum 0-dim: the MoE aux loss summed over rows and layers).
@@ -196,7 +198,10 @@ class KimiVLTextModel(nn.Module):
             if attention_mask is not None:
                 raise ValueError("KimiVLTextModel: a packed call (cu_seqlens) takes no attention_mask")
             return self.forward_varlen(inputs_embeds=inputs_embeds, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                                       max_seqlen=max_seqlen, input_ids=input_ids)
+                                       max_seqlen=max_seqlen, input_ids=input_ids, num_padding=num_padding)
+        if num_padding:
+            raise ValueError("KimiVLTextModel: num_padding is for packed calls (cu_seqlens); a padded batch marks "
+                             "padding with attention_mask")
         h = self._embed(input_ids, inputs_embeds)  # (B, T, D)
         if h.dim() != 3:
             raise ValueError(f"KimiVLTextModel.forward (padded) takes (B, T) ids or (B, T, D) embeddings, got "
@@ -221,6 +226,7 @@ class KimiVLTextModel(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         input_ids: torch.Tensor | None = None,
+        num_padding: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed forward: segments never see each other; positions restart per segment.
 
@@ -229,6 +235,8 @@ class KimiVLTextModel(nn.Module):
             position_ids: (N,) or (1, N); default restarts at 0 at every segment start.
             cu_seqlens: (S+1,) int32 segment boundaries, ending at N.
             max_seqlen: the longest segment, host int (derived from cu_seqlens when None: one device sync).
+            num_padding: trailing padding tokens of the buffer (``PackedBatch.num_padding``). They still run as a
+                segment of their own, but get segment id -1: no MoE aux loss and no expert load from them.
 
         Returns:
             (hidden (N, D) after the final norm (or (1, N, D) for a (1, N, D) input), aux_sum 0-dim summed over the S
@@ -248,6 +256,10 @@ class KimiVLTextModel(nn.Module):
             raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but {n} packed tokens were given")
         num_segments = cu.numel() - 1
         segment_ids = torch.bucketize(torch.arange(n, device=h.device), cu[1:].long(), right=True)  # (N,)
+        if not 0 <= num_padding <= n:
+            raise ValueError(f"num_padding {num_padding} outside [0, {n}] (the packed tokens)")
+        if num_padding:
+            segment_ids[n - num_padding:] = -1  # trailing padding: left out of the aux loss and the expert load
         if position_ids is None:
             position_ids = torch.arange(n, device=h.device) - cu.long()[segment_ids]  # (N,)
         position_ids = position_ids.reshape(n)  # (1, N) -> (N,)
