@@ -218,13 +218,14 @@ class DatasetSpec(_Section):
     weight: float = Field(
         1.0,
         gt=0,
-        description="Sampling weight in the mixture: each dataset contributes samples in proportion to its weight "
-        "(relative to the sum of weights), repeating or subsampling as needed.",
+        description="Epoch multiplier of this dataset: each good sample appears floor(w) times per epoch, plus once "
+        "more for a seeded subsample of round(frac(w) * n) of them (w = 0.5 keeps half, w = 2 repeats every sample "
+        "twice). The subsample is drawn once, at pack time.",
     )
     format: Literal["auto", "messages", "llava", "sharegpt"] = Field(
         "auto",
         description="Sample layout: messages (OpenAI-style role/content lists), llava (conversations with "
-        "from/value + image), sharegpt. auto = detect from the first sample and log the result.",
+        "from/value + image), sharegpt. auto = detect per sample from its keys.",
     )
     image_root: Path | None = Field(
         None,
@@ -251,7 +252,7 @@ class DataSection(_Section):
         "file and line; skip = drop it and count it, with the reason, in the reported counts.",
     )
     overlong: Literal["truncate_text", "drop", "error"] = Field(
-        "error",
+        "truncate_text",
         description="A sample longer than packing.packing_length (or with more patches than "
         "packing.max_vision_patches): error = stop naming it; drop = skip and count it; truncate_text = cut trailing "
         "text tokens (never image tokens) to fit, and count it.",

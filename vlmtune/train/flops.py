@@ -4,8 +4,8 @@ Training FLOPs = 3 x forward (backward is twice the forward). Forward FLOPs of a
 is 2P. Per pack::
 
     decoder   2 * active_params * N            active = attention + dense MLP + (router + shared + K experts) + lm_head
-            + sum_i 2 * L_i^2 * H * (Dqk + Dv) / 2   causal attention scores and values, half the square
-    vision    2 * vision_params_per_patch * P + sum_images 2 * (h w)^2 * H * 2 Dh   full attention per image
+            + layers * sum_i 2 * L_i^2 * H * (Dqk + Dv) / 2   causal attention scores and values, half the square
+    vision    2 * vision_params_per_patch * P + blocks * sum_images 2 * (h w)^2 * H * 2 Dh   full attention per image
     projector 2 * projector_params * P / 4
 """
 
@@ -54,9 +54,11 @@ def training_flops(config: KimiVLConfig, seqlens: Sequence[int], image_grid_hws:
     t, v = config.text_config, config.vision_config
     n = sum(seqlens)
     fwd = 2.0 * decoder_active_params(config) * n
-    fwd += sum(2.0 * L * L * t.num_attention_heads * (t.qk_head_dim + t.v_head_dim) / 2 for L in seqlens)
+    fwd += t.num_hidden_layers * sum(2.0 * L * L * t.num_attention_heads * (t.qk_head_dim + t.v_head_dim) / 2
+                                     for L in seqlens)
     patches = sum(h * w for h, w in image_grid_hws)
     fwd += 2.0 * vision_params_per_patch(config) * patches
-    fwd += sum(2.0 * (h * w) ** 2 * v.num_attention_heads * 2 * v.head_dim for h, w in image_grid_hws)
+    fwd += v.num_hidden_layers * sum(2.0 * (h * w) ** 2 * v.num_attention_heads * 2 * v.head_dim
+                                     for h, w in image_grid_hws)
     fwd += 2.0 * projector_params(config) * patches / 4
     return 3.0 * fwd
