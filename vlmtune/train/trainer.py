@@ -136,7 +136,8 @@ def build_source(recipe: Recipe, dist: DistInfo) -> Any:
         return OnTheFlySource.from_datasets(
             specs, recipe.model.path, packing_length=p.packing_length, max_vision_patches=p.max_vision_patches,
             window=p.window, overlong=recipe.data.overlong, on_bad_sample=recipe.data.on_bad_sample,
-            mixing_seed=p.seed, workers=recipe.data.num_workers, progress=dist.is_main)
+            mixing_seed=p.seed, workers=recipe.data.num_workers, progress=dist.is_main,
+            cache_dir=Path(recipe.train.output_dir) / "length_cache")
     from vlmtune.data.loader import OfflinePackSource
     from vlmtune.data.pack_cli import PackSettings, build_pack, default_cache_dir
 
