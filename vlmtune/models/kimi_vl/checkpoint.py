@@ -19,7 +19,7 @@ from torch import nn
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
-# Router parameters are kept in float32 whatever the model dtype (shared/reference/kimi_vl.md).
+# Router parameters are kept in at least float32 whatever the stored dtype (shared/reference/kimi_vl.md).
 FP32_KEYS = re.compile(r".*\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
@@ -75,8 +75,8 @@ def load_model_weights(model: nn.Module, path: Path, device: torch.device | str 
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the config expects "
                                   f"{tuple(expected[key].shape)}")
-        if FP32_KEYS.match(key):
-            state[key] = tensor.float()
+        if FP32_KEYS.match(key):  # at least fp32: bf16 goes up, an fp64 checkpoint stays fp64 (casts only go up)
+            state[key] = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
     model.load_state_dict(state, strict=True, assign=True)
 
 

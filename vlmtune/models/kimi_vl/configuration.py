@@ -272,11 +272,24 @@ class KimiVLConfig(_RawPreservingConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> KimiVLConfig:
+        """Build from a config.json dict; keyword arguments naming a top-level field override it.
+
+        Other keyword arguments are returned with ``return_unused_kwargs=True`` (transformers' AutoModel then hands
+        them to the model's ``from_pretrained``, which rejects what it does not support) and are an error otherwise.
+        """
         return_unused = kwargs.pop("return_unused_kwargs", False)
+        for bookkeeping in ("name_or_path", "_from_auto", "_from_pipeline", "_commit_hash"):  # set by transformers
+            kwargs.pop(bookkeeping, None)
         d = copy.deepcopy(config_dict)
-        d.update({k: v for k, v in kwargs.items() if k in cls._known or k in ("vision_config", "text_config")})
+        overrides = [k for k in kwargs if k in cls._known or k in ("vision_config", "text_config")]
+        d.update({k: kwargs.pop(k) for k in overrides})
         config = cls(**d)
-        return (config, {}) if return_unused else config
+        if return_unused:
+            return config, kwargs
+        if kwargs:
+            raise TypeError(f"KimiVLConfig: unknown arguments {sorted(kwargs)}; keyword overrides must name a top-level "
+                            f"field ({', '.join(cls._known)}, vision_config, text_config)")
+        return config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> KimiVLConfig:

@@ -313,6 +313,11 @@ class KimiVLForConditionalGeneration(nn.Module):
         """
         path = Path(pretrained_model_name_or_path)
         dtype = kwargs.pop("torch_dtype", dtype)
+        unsupported = sorted(k for k in kwargs if k not in _HUB_ONLY_KWARGS)
+        if args or unsupported:
+            raise TypeError(f"KimiVLForConditionalGeneration.from_pretrained({path}): unsupported arguments "
+                            f"{unsupported or list(args)}; it takes dtype= and device= (the attention backend is "
+                            "chosen by apply_rmpad(model, attention=...), placement by the trainer)")
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         if dtype == "auto":
@@ -344,6 +349,12 @@ class KimiVLForConditionalGeneration(nn.Module):
             torch.manual_seed(seed)
         for part in (self.vision_tower, self.multi_modal_projector, self.language_model):
             part.init_weights()
+
+
+# Download-only arguments that transformers' AutoModel.from_pretrained forwards; a local directory needs none of them.
+_HUB_ONLY_KWARGS = frozenset({"revision", "trust_remote_code", "adapter_kwargs", "cache_dir", "local_files_only",
+                              "force_download", "token", "proxies", "_commit_hash", "code_revision", "_from_auto",
+                              "_from_pipeline"})
 
 
 def _reject_unknown(kwargs: dict[str, Any], allowed: tuple[str, ...]) -> None:
