@@ -284,6 +284,8 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
             "expert_load_max_mean": load.get("moe/load_max_over_mean"), "step_time_s": dt, "tflops": flops / dt / 1e12,
             "mfu": _mfu(flops / dt, dist.device, world), "imbalance": info.imbalance, "epoch": info.epoch,
         }
+        if recipe.data.eval and (state.step == t.max_steps or (t.eval_every and state.step % t.eval_every == 0)):
+            record.update(run_eval(recipe, vlm, dist, model_dtype))
         metrics.log_step(record)
         if not math.isfinite(loss):
             raise TrainError(f"step {state.step}: loss is {loss}; lower train.learning_rate or check the data")
@@ -297,6 +299,25 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
     if dist.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def run_eval(recipe: Recipe, vlm: torch.nn.Module, dist: DistInfo, dtype: torch.dtype) -> dict[str, Any]:
+    """Eval loss and closed-set accuracy on data.eval (every rank evaluates the same samples)."""
+    from vlmtune.models.kimi_vl.image_processing import KimiVLImageProcessor
+    from vlmtune.models.kimi_vl.tokenization import KimiTokenizer
+    from vlmtune.train.evaluate import evaluate
+
+    tok = KimiTokenizer.from_pretrained(recipe.model.path)
+    proc = KimiVLImageProcessor.from_pretrained(recipe.model.path)
+    out: dict[str, Any] = {}
+    for i, spec in enumerate(recipe.data.eval or []):
+        r = evaluate(vlm, tok, proc, Path(spec.path), max_samples=recipe.train.eval_samples, device=dist.device,
+                     dtype=dtype)
+        sfx = "" if i == 0 else f"_{i}"
+        out.update({f"eval_loss{sfx}": r["eval_loss"], f"eval_accuracy{sfx}": r["accuracy"],
+                    f"eval_accuracy_image{sfx}": r["accuracy_image_questions"],
+                    f"eval_chance{sfx}": r["chance_accuracy"]})
+    return out
 
 
 def _steps(loader: Any):
