@@ -21,6 +21,11 @@ Two forwards share :meth:`KimiVLAttention._project` (projections + RoPE):
 * ``forward``: padded reference, hidden (B, T, D) + attention_mask (B, T), one dense SDPA with a causal and key-padding mask.
 * ``forward_varlen``: packed tokens (N, D) + cu_seqlens, through :func:`vlmtune.ops.attention.varlen_attention` with
   ``self.attn_backend``. ``apply_rmpad`` installs it as ``forward`` on the instance.
+
+Generation threads a KV cache through the padded ``forward`` (``kv_cache=``): MLA caches the compressed state, the
+normalised latent ``c_kv`` (kv_lora_rank) and the rotated shared ``k_rope`` (Drope) per token and layer, 576 numbers
+per token in A3B instead of H * (Dqk + Dv) = 5120 for expanded keys and values; each step re-expands them with
+:meth:`KimiVLAttention._expand_kv`, the same code as training (see ``generation.py``).
 """
 
 from __future__ import annotations
@@ -144,15 +149,17 @@ class KimiVLAttention(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # shared projection + RoPE
     # ------------------------------------------------------------------------------------------------------------
-    def _project(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of every token, RoPE applied.
+    def _project_latent(self, x: torch.Tensor, position_ids: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (RoPE applied) and the compressed per-token key/value state MLA caches.
 
         Args:
             x: (..., D) hidden states, any leading shape ((B, T) or (N,)).
             position_ids: (...) the same leading shape.
 
         Returns:
-            q (..., H, Dnope + Drope), k (..., H, Dnope + Drope), v (..., H, Dv), in x's dtype.
+            q (..., H, Dnope + Drope); c_kv (..., kv_lora_rank), the latent AFTER kv_a_layernorm; k_rope (..., Drope),
+            the one shared rope key, rotated. All in x's dtype.
         """
         lead = x.shape[:-1]
         if tuple(position_ids.shape) != tuple(lead):
@@ -167,15 +174,42 @@ class KimiVLAttention(nn.Module):
 
         # (..., kv_lora_rank + Drope) -> latent c_kv (..., kv_lora_rank) and the shared k_rope (..., Drope)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv))
-        kv = kv.view(*lead, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)  # (..., H, Dnope + Dv)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # (..., H, Dnope), (..., H, Dv)
+        c_kv = self.kv_a_layernorm(c_kv)
 
         cos, sin = rope_cos_sin(position_ids, self.qk_rope_head_dim, self.rope_theta, x.dtype)  # (..., Drope/2)
         q_rope = apply_rope_interleaved(q_rope, cos, sin)  # (..., H, Drope)
-        k_rope = apply_rope_interleaved(k_rope.unsqueeze(-2), cos, sin)  # (..., 1, Drope): one head shared by all
+        k_rope = apply_rope_interleaved(k_rope.unsqueeze(-2), cos, sin).squeeze(-2)  # (..., 1, Drope) -> (..., Drope)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (..., H, Dqk)
-        k = torch.cat([k_nope, k_rope.expand(*lead, self.num_heads, self.qk_rope_head_dim)], dim=-1)  # (..., H, Dqk)
+        return q, c_kv, k_rope
+
+    def _expand_kv(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys and values from the latent state of :meth:`_project_latent` (or of a KV cache).
+
+        Args:
+            c_kv: (..., kv_lora_rank) normalised latent. k_rope: (..., Drope) rotated shared rope key.
+
+        Returns:
+            k (..., H, Dnope + Drope), v (..., H, Dv).
+        """
+        lead = c_kv.shape[:-1]
+        kv = self.kv_b_proj(c_kv)
+        kv = kv.view(*lead, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)  # (..., H, Dnope + Dv)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # (..., H, Dnope), (..., H, Dv)
+        k_rope = k_rope.unsqueeze(-2).expand(*lead, self.num_heads, self.qk_rope_head_dim)  # (..., H, Drope): shared
+        return torch.cat([k_nope, k_rope], dim=-1), v  # (..., H, Dqk), (..., H, Dv)
+
+    def _project(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of every token, RoPE applied.
+
+        Args:
+            x: (..., D) hidden states, any leading shape ((B, T) or (N,)).
+            position_ids: (...) the same leading shape.
+
+        Returns:
+            q (..., H, Dnope + Drope), k (..., H, Dnope + Drope), v (..., H, Dv), in x's dtype.
+        """
+        q, c_kv, k_rope = self._project_latent(x, position_ids)
+        k, v = self._expand_kv(c_kv, k_rope)
         return q, k, v
 
     # ------------------------------------------------------------------------------------------------------------
@@ -186,6 +220,7 @@ class KimiVLAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        kv_cache: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Padded reference attention: one dense SDPA with a causal and key-padding mask.
@@ -194,6 +229,9 @@ class KimiVLAttention(nn.Module):
             hidden_states: (B, T, D).
             position_ids: (B, T).
             attention_mask: (B, T), 1 = real token, 0 = padding (any placement); None = all real.
+            kv_cache: generation only (:class:`vlmtune.models.kimi_vl.generation.MLAKVCache`): the T new tokens'
+                latents (c_kv, k_rope) are appended to the cache and the queries attend to every cached token
+                (query i sits at cache position past + i). Needs attention_mask None (rows without padding).
             **kwargs: ``cu_seqlens`` and ``max_seqlen`` route an (N, D) call to :meth:`forward_varlen` (packed
                 inputs can only be attended correctly by the varlen path); anything else is an error.
 
@@ -208,10 +246,23 @@ class KimiVLAttention(nn.Module):
             raise ValueError(f"KimiVLAttention.forward (padded path) takes hidden_states (B, T, D), got "
                              f"{tuple(hidden_states.shape)}; packed (N, D) tokens need cu_seqlens (forward_varlen)")
         b, t, _ = hidden_states.shape
-        q, k, v = self._project(hidden_states, position_ids)  # (B, T, H, Dqk) x 2, (B, T, H, Dv)
+        past = 0
+        if kv_cache is None:
+            q, k, v = self._project(hidden_states, position_ids)  # (B, T, H, Dqk) x 2, (B, T, H, Dv)
+        else:
+            if attention_mask is not None:
+                raise ValueError("KimiVLAttention.forward: a kv_cache takes rows without padding (attention_mask None)")
+            q, c_kv, k_rope = self._project_latent(hidden_states, position_ids)  # (B, T, H, Dqk), (B, T, r), (B, T, Dr)
+            past = kv_cache.get_seq_length(self.layer_idx)
+            c_kv, k_rope = kv_cache.update(self.layer_idx, c_kv, k_rope)  # (B, past + T, r), (B, past + T, Drope)
+            k, v = self._expand_kv(c_kv, k_rope)  # (B, past + T, H, Dqk), (B, past + T, H, Dv)
         dt = _sdpa_dtype(q)
-        q, k, v = (z.transpose(1, 2).to(dt) for z in (q, k, v))  # (B, H, T, Dh)
-        if attention_mask is None:
+        q, k, v = (z.transpose(1, 2).to(dt) for z in (q, k, v))  # (B, H, T, Dh); keys/values (B, H, past + T, Dh)
+        if past:
+            # new query i is cache position past + i: it sees keys 0 .. past + i
+            visible = torch.arange(past + t, device=q.device)[None, :] <= past + torch.arange(t, device=q.device)[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.softmax_scale)  # (T, past+T)
+        elif attention_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             if tuple(attention_mask.shape) != (b, t):

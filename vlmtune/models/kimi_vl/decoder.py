@@ -182,14 +182,18 @@ class KimiVLTextModel(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         num_padding: int = 0,
+        kv_cache: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded reference forward (a call with ``cu_seqlens`` is handed to :meth:`forward_varlen`).
 
         Args:
             input_ids: (B, T) or inputs_embeds: (B, T, D).
             attention_mask: (B, T) 1 = real token (None = all real). Each row is one sequence.
-            position_ids: (B, T); default ``cumsum(attention_mask) - 1`` clamped at 0 (positions count real tokens).
+            position_ids: (B, T); default ``cumsum(attention_mask) - 1`` clamped at 0 (positions count real tokens),
+                or with a kv_cache ``past + 0 .. past + T - 1``.
             cu_seqlens, max_seqlen, num_padding: a packed call, see :meth:`forward_varlen`.
+            kv_cache: generation only (``vlmtune.models.kimi_vl.generation.MLAKVCache``): every attention layer
+                appends the T new tokens to it and attends to all cached tokens. No padding, no autograd.
 
         Returns:
             (hidden (B, T, D) after the final norm, aux_sum 0-dim: the MoE aux loss summed over rows and layers).
@@ -197,11 +201,16 @@ class KimiVLTextModel(nn.Module):
         if cu_seqlens is not None:
             if attention_mask is not None:
                 raise ValueError("KimiVLTextModel: a packed call (cu_seqlens) takes no attention_mask")
+            if kv_cache is not None:
+                raise ValueError("KimiVLTextModel: a packed call (cu_seqlens) takes no kv_cache (it would mix samples)")
             return self.forward_varlen(inputs_embeds=inputs_embeds, position_ids=position_ids, cu_seqlens=cu_seqlens,
                                        max_seqlen=max_seqlen, input_ids=input_ids, num_padding=num_padding)
         if num_padding:
             raise ValueError("KimiVLTextModel: num_padding is for packed calls (cu_seqlens); a padded batch marks "
                              "padding with attention_mask")
+        if kv_cache is not None and torch.is_grad_enabled():
+            raise ValueError("KimiVLTextModel: kv_cache is for generation; run it under torch.no_grad() (a recomputed "
+                             "checkpointed layer would append to the cache twice)")
         h = self._embed(input_ids, inputs_embeds)  # (B, T, D)
         if h.dim() != 3:
             raise ValueError(f"KimiVLTextModel.forward (padded) takes (B, T) ids or (B, T, D) embeddings, got "
@@ -210,11 +219,16 @@ class KimiVLTextModel(nn.Module):
         mask = torch.ones(b, t, dtype=torch.long, device=h.device) if attention_mask is None else attention_mask
         if tuple(mask.shape) != (b, t):
             raise ValueError(f"attention_mask {tuple(mask.shape)} does not match the inputs (B, T) = {(b, t)}")
+        if position_ids is None and kv_cache is not None:
+            position_ids = kv_cache.get_seq_length() + torch.arange(t, device=h.device).expand(b, t)  # (B, T)
         if position_ids is None:
             position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         rows = torch.arange(b, device=h.device)[:, None].expand(b, t)  # (B, T) sequence = row
         segment_ids = torch.where(mask.bool(), rows, -1).reshape(-1)  # (B*T,), -1 on padding
-        return self._run_layers(h, position_ids, segment_ids, b, {"attention_mask": attention_mask})
+        attn_kwargs: dict[str, Any] = {"attention_mask": attention_mask}
+        if kv_cache is not None:
+            attn_kwargs["kv_cache"] = kv_cache
+        return self._run_layers(h, position_ids, segment_ids, b, attn_kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # packed (varlen) forward
