@@ -236,3 +236,46 @@ def test_flash_backends_refuse_cpu_tensors_at_call_time(backend: str, monkeypatc
     q, k, v = (x.detach() for x in _qkv(5, torch.float64))
     with pytest.raises(AttentionBackendError, match=f"{backend} needs CUDA tensors"):
         varlen_attention(q, k, v, cu, cu, 3, 3, True, 0.2, backend=backend)
+
+
+def _fake_varlen(style: str):
+    """A stand-in for torch.nn.attention.varlen.varlen_attn with the signature of one torch release (exact maths)."""
+
+    def compute(query, key, value, cu_q, cu_k, causal, scale):
+        return attn_mod._sdpa_varlen(query, key, value, cu_q, cu_k, causal, query.shape[-1] ** -0.5 if scale is None
+                                     else scale)
+
+    if style == "torch_2_10":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None,
+                        scale=None):
+            return compute(query, key, value, cu_seq_q, cu_seq_k, is_causal, scale)
+    elif style == "window_size":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+            assert window_size in ((-1, -1), (-1, 0))
+            return compute(query, key, value, cu_seq_q, cu_seq_k, window_size == (-1, 0), scale)
+    else:  # no scale argument: the kernel's default 1/sqrt(Dh)
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False):
+            return compute(query, key, value, cu_seq_q, cu_seq_k, is_causal, None)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("style", ["torch_2_10", "window_size", "no_scale"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_varlen_adapts_to_each_signature(style: str, causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPU check of the argument mapping only (the kernel itself runs in tests/gpu): causal and the softmax scale
+    # reach the kernel under every signature, and MLA's smaller v is padded and sliced back.
+    import torch.nn.attention.varlen as tv
+
+    monkeypatch.setattr(tv, "varlen_attn", _fake_varlen(style))
+    monkeypatch.setattr(attn_mod, "_check_half", lambda backend, q: None)
+    attn_mod._torch_varlen_params.cache_clear()
+    try:
+        cu, n = _cu(SEGMENTS), sum(SEGMENTS)
+        q, k, v = (x.detach() for x in _qkv(n, torch.float64))
+        out = varlen_attention(q, k, v, cu, cu, 7, 7, causal, 0.3, backend="torch_varlen")
+        ref = varlen_attention(q, k, v, cu, cu, 7, 7, causal, 0.3, backend="sdpa_varlen")
+    finally:
+        attn_mod._torch_varlen_params.cache_clear()
+    assert out.shape == (n, H, DV)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
