@@ -17,7 +17,7 @@ What a directory holds (every file loads with the matching ``from_pretrained``):
 
 The tiny tokenizer's ranks are trained on :data:`TINY_CORPUS` (a few KB of plain English written for vlmtune) plus the
 demo data's questions, answers and vocabulary (``data_tools.demo_data``), one per line and repeated, so that every demo
-word is a single token, bare and after a space. Its 256 special ids follow the 1024 ranks at the published offsets
+answer is one token and every demo question one token per word or punctuation mark, as they appear in the data. Its 256 special ids follow the 1024 ranks at the published offsets
 (``[BOS]`` 1024, ``<|media_pad|>`` 1045, ``[PAD]`` 1279; vocab 1280), which is what ``kimi_vl_tiny(num_base_tokens=1024)``
 puts in config.json. The tiny model (0.83 M parameters, 3.3 MB: text hidden 96, 3 layers, 8 experts top-2 in 2 groups;
 MoonViT hidden 64, 2 blocks) keeps the demo images small with in_token_limit 1024 (~256 LM tokens per image at most,
@@ -93,7 +93,7 @@ def _check_special_ids(config: KimiVLConfig, named: dict[str, int], where: Path)
 
 def _write_tiny(folder: Path, seed: int, meta: bool) -> None:
     tokenizer = build_tokenizer_files(folder, tiny_tokenizer_corpus(), TINY_NUM_MERGES)
-    config = kimi_vl_tiny(num_base_tokens=tokenizer.num_base_tokens)
+    config = kimi_vl_tiny(num_base_tokens=TINY_NUM_BASE_TOKENS)
     if tokenizer.vocab_size != config.text_config.vocab_size:
         raise InitModelError(f"tokenizer vocab {tokenizer.vocab_size} != config vocab {config.text_config.vocab_size}")
     _check_special_ids(config, tokenizer.special_tokens, folder)
