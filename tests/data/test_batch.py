@@ -30,7 +30,7 @@ def test_collate_matches_the_docstring_picture() -> None:
     assert batch.segment_ids().tolist() == [0] * 5 + [1] * 4 + [2] * 3
     kw = batch.to_model_inputs()
     assert set(kw) == {"input_ids", "labels", "position_ids", "cu_seqlens", "max_seqlen", "pixel_values",
-                       "image_grid_hws"}
+                       "image_grid_hws", "num_padding"}
 
 
 def test_first_token_never_supervised_even_if_masked() -> None:

@@ -109,7 +109,7 @@ class PackedBatch:
         """Exactly the keyword arguments of the model's packed call (after ``apply_rmpad``)."""
         return dict(input_ids=self.input_ids, labels=self.labels, position_ids=self.position_ids,
                     cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen, pixel_values=self.pixel_values,
-                    image_grid_hws=self.image_grid_hws)
+                    image_grid_hws=self.image_grid_hws, num_padding=self.num_padding)
 
     def to_padded(self) -> dict[str, Any]:
         """The same real samples as a padded 2-D batch for the reference forward (``model.rmpad: false``).

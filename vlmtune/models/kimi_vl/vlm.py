@@ -239,6 +239,7 @@ class KimiVLForConditionalGeneration(nn.Module):
         labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        num_padding: int = 0,
         use_cache: bool = False,
         return_logits: bool = True,
         loss_reduction: str = "token",
@@ -248,6 +249,8 @@ class KimiVLForConditionalGeneration(nn.Module):
         """Varlen forward: a packed call (cu_seqlens given) or a padded call that is unpadded inside.
 
         Packed: input_ids (1, N), position_ids (1, N), cu_seqlens (S+1,), max_seqlen host int -> logits (1, N, V).
+        ``num_padding`` trailing tokens form the buffer's padding segment: they run (stable shapes) but stay out of
+        the MoE aux loss, the expert load and the sequence count.
         Padded: input_ids (B, T), attention_mask (B, T) -> logits (B, T, V), zeros on padding.
         """
         from vlmtune.patches.rmpad import _unpad_input, pad_input
@@ -257,6 +260,8 @@ class KimiVLForConditionalGeneration(nn.Module):
             raise ValueError("use_cache=True is not supported with packed sequences (a KV cache mixes samples)")
         padded_call = cu_seqlens is None
         if padded_call:
+            if num_padding:
+                raise ValueError("num_padding is for packed calls; a padded call marks padding with attention_mask")
             B, T = input_ids.shape
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
@@ -287,8 +292,10 @@ class KimiVLForConditionalGeneration(nn.Module):
         n = ids.shape[0]
         embeds = self.embed(ids, pixel_values, image_grid_hws)  # (N, D)
         hidden, aux_sum = self.language_model.model(inputs_embeds=embeds, position_ids=pos,
-                                                    cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen))  # (N, D)
-        num_seq = int((cu_seqlens[1:] > cu_seqlens[:-1]).sum())  # non-empty segments (an all-padding row is none)
+                                                    cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen),
+                                                    num_padding=int(num_padding))  # (N, D)
+        # non-empty segments (an all-padding row is none), minus the buffer's padding segment
+        num_seq = int((cu_seqlens[1:] > cu_seqlens[:-1]).sum()) - (1 if num_padding else 0)
         out = KimiVLOutput(aux_loss=self._aux(aux_sum, num_seq), aux_loss_sum=aux_sum, num_sequences=num_seq)
         if targets is not None:
             seg = segment_ids_from_cu_seqlens(cu_seqlens, n)  # (N,)
