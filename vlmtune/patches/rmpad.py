@@ -126,7 +126,8 @@ def apply_rmpad(model: nn.Module, attention: str = "auto") -> nn.Module:
         if not callable(getattr(type(module), method, None)):
             raise RmpadError(f"apply_rmpad: module `{name or 'model'}` ({type(module).__name__}) has no {method}(); "
                              "rmpad cannot run this model (nothing was patched)")
-    if all(_installed(m, method) and getattr(m, _FLAG, None) == backend for _, m, method in targets):
+    if all(_installed(m, method) and getattr(m, _FLAG, None) == backend == getattr(m, "attn_backend", None)
+           for _, m, method in targets):
         logger.debug("rmpad already applied with attention backend %s", backend)
         return model
     saved = [(m, dict(m.__dict__)) for _, m, _ in targets]
