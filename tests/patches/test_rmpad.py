@@ -168,6 +168,9 @@ def test_idempotent_and_backend_switch(caplog: pytest.LogCaptureFixture) -> None
     assert rmpad_backend(model) == "sdpa_masked" and is_rmpad_applied(model)
     assert {m.attn_backend for m in _targets(model)} == {"sdpa_masked"}
     torch.testing.assert_close(after, before, atol=1e-12, rtol=0)
+    model.vision_tower.encoder.blocks[0].attn_backend = "sdpa_varlen"  # changed by hand: a re-application repairs it
+    apply_rmpad(model, attention="sdpa_masked")
+    assert model.vision_tower.encoder.blocks[0].attn_backend == "sdpa_masked"
 
 
 def test_missing_method_raises_naming_the_module_and_patches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
