@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "vlmtune.data.pack_cli:main"),
     "inspect-pack": ("show one packed buffer: samples, positions, image spans, label mask",
                      "vlmtune.data.pack_cli:inspect_main"),
+    "init-model": ("write a model directory: the tiny demo model (random weights) or the A3B configs (--meta)",
+                   "vlmtune.models.kimi_vl.init_model:main"),
     "train": ("train a recipe with DeepSpeed ZeRO (one process, or under torchrun / vlmtune launch)",
               "vlmtune.train.trainer:main"),
 }

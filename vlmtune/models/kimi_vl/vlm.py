@@ -36,7 +36,7 @@ from vlmtune.train.loss import (
     token_weights,
 )
 
-from .checkpoint import load_model_weights, save_model_weights
+from .checkpoint import checkpoint_files, load_model_weights, save_model_weights
 from .configuration import KimiVLConfig
 from .decoder import KimiVLLanguageModel
 from .projector import KimiVLMultiModalProjector
@@ -330,6 +330,7 @@ class KimiVLForConditionalGeneration(nn.Module):
         if dtype == "auto":
             dtype = None
         config = config if isinstance(config, KimiVLConfig) else KimiVLConfig.from_pretrained(path)
+        checkpoint_files(path)  # fail now, before building the model, when no weights are there
         with torch.device("meta"):
             model = cls(config)
         load_model_weights(model, path, device=device)
