@@ -75,9 +75,18 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def cleanup() -> None:
-    """Barrier, then destroy the process group (gloo runs can abort at exit otherwise)."""
+    """Barrier, then destroy the process group (gloo runs can abort at exit otherwise).
+
+    Destroyed through DeepSpeed, which also drops the groups it cached (data-parallel, sequence-parallel, ...): a
+    second ``train()`` in the same process would otherwise reach for the groups of the first.
+    """
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()
         finally:
-            dist.destroy_process_group()
+            import deepspeed.comm
+
+            if deepspeed.comm.is_initialized():
+                deepspeed.comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -98,3 +99,33 @@ def register_zero3_leaf_modules(model: nn.Module) -> int:
         if marked != n:
             raise RuntimeError(f"ZeRO-3: marked {marked} of {n} MoE blocks as leaf modules; refusing to run (would hang)")
     return n
+
+
+class LossForward(nn.Module):
+    """What DeepSpeed wraps: the model's training forward, returning a dict of tensors ``{"loss", "aux_loss_sum"}``.
+
+    ZeRO-3 gathers a module's parameters in hooks on the module's forward and on the tensors it returns (the backward
+    hooks). Two things defeat that for the VLM: its output is a dataclass, whose tensors DeepSpeed cannot see, and the
+    chunked cross-entropy reads ``lm_head.weight`` directly and recomputes the logits from it inside backward, outside
+    any ``lm_head`` hook. This adapter returns a plain dict and registers ``lm_head.weight`` as an external parameter of
+    itself, so the weight is gathered for the forward and again when the backward starts (before the recompute and
+    before its gradient is accumulated). Harmless below stage 3.
+
+    Args:
+        model: the model to train (maybe peft-wrapped). lm_head_weight: the output projection it reads directly.
+    """
+
+    def __init__(self, model: nn.Module, lm_head_weight: nn.Parameter) -> None:
+        super().__init__()
+        self.model = model
+        self._lm_head_weight = [lm_head_weight]  # a list: not a parameter of this module, no state-dict entry
+
+    def register_zero3(self) -> None:
+        """Register ``lm_head.weight`` with ZeRO-3 (call before ``deepspeed.initialize`` with stage 3)."""
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        register_external_parameter(self, self._lm_head_weight[0])
+
+    def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
+        out = self.model(**inputs)
+        return {"loss": out.loss, "aux_loss_sum": out.aux_loss_sum}

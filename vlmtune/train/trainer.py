@@ -179,7 +179,7 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
 
     from vlmtune.data.loader import PackedLoader
     from vlmtune.models.kimi_vl.image_processing import KimiVLImageProcessor
-    from vlmtune.train.ds_config import build_ds_config, register_zero3_leaf_modules
+    from vlmtune.train.ds_config import LossForward, build_ds_config, register_zero3_leaf_modules
     from vlmtune.train.flops import training_flops
     from vlmtune.train.optim import build_param_groups, make_optimizer
 
@@ -189,18 +189,23 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
     world = dist.world_size
     accum = recipe.grad_accum_steps(world)
 
+    # --- resume decision (before anything is written: a refused resume leaves the run folder as it was) ----------
+    resume_from = _resume_path(recipe, ckpt_root)
+    if resume_from is not None:
+        _check_resumable(resume_from, recipe, dist)
+
     # --- run folder, assets --------------------------------------------------------------------------------------
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        removed = ckpt.clean_stale_tmp(ckpt_root)  # checkpoints killed mid-save: never resumed from
+        if removed:
+            logger.info("removed checkpoints killed mid-save: %s", ", ".join(removed))
         save_resolved(recipe, out)
         ensure_assets(recipe)
     barrier()
     missing = check_files(recipe)
     if missing:
         raise TrainError("cannot start:\n  " + "\n  ".join(missing))
-
-    # --- resume decision (before any heavy work) -----------------------------------------------------------------
-    resume_from = _resume_path(recipe, ckpt_root)
     torch.manual_seed(t.seed)
 
     # --- model, data, optimizer, engine --------------------------------------------------------------------------
@@ -225,20 +230,25 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
         extra=ds.extra)
     if dist.is_main:
         (out / "deepspeed.json").write_text(json.dumps(ds_cfg, indent=2, sort_keys=True) + "\n")
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    step_model = LossForward(model, vlm.get_output_embeddings().weight)
+    if ds.zero_stage == 3:
+        step_model.register_zero3()
+    engine, optimizer, _, _ = deepspeed.initialize(model=step_model, optimizer=optimizer, config=ds_cfg)
 
     # --- resume -------------------------------------------------------------------------------------------------
     state = RunState()
     if resume_from is not None:
         state = _load_checkpoint(resume_from, engine, loader, recipe, dist)
         logger.info("resumed from %s at step %d", resume_from, state.step)
-    elif dist.is_main:
-        ckpt.clean_stale_tmp(ckpt_root)
 
     metrics = MetricsLogger(out, enabled=dist.is_main, max_steps=t.max_steps, start_step=state.step,
                             tensorboard=recipe.logging.tensorboard, wandb=recipe.logging.wandb.model_dump(),
                             show_progress=sys.stderr.isatty() or os.environ.get("VLMTUNE_PROGRESS") == "1")
     aux_coef = vlm.config.text_config.aux_loss_alpha if t.aux_loss_coef is None else t.aux_loss_coef
+    for _, moe in vlm.language_model.model.moe_layers():
+        moe.aux_loss_alpha = aux_coef  # the model's aux_loss_sum already carries this coefficient
+    # DeepSpeed records the pre-clipping norm in its ZeRO and bf16 optimizers only: stage 0 in fp32/fp64 measures here.
+    own_norm = ds.zero_stage == 0 and recipe.precision != "bf16"
     warmup = t.warmup_steps
     model_dtype = DTYPES[recipe.model.dtype]
     engine.train()
@@ -259,11 +269,13 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
             mb = mb.to(dist.device, dtype=model_dtype)
             out_ = engine(**_model_inputs(mb, recipe.model.rmpad), return_logits=False,
                           loss_reduction=t.loss_reduction, loss_denominators=info.denominators)
-            # The aux loss is a per-sequence mean over the global batch's sequences, scaled by its coefficient.
-            aux = out_.aux_loss_sum * (aux_coef / max(info.num_packed_samples, 1))
-            engine.backward((out_.loss + aux) * world, scale_wrt_gas=False)
+            # The aux loss: a mean over the global batch's sequences (aux_loss_sum carries the coefficient).
+            aux = out_["aux_loss_sum"] / max(info.num_packed_samples, 1)
+            engine.backward((out_["loss"] + aux) * world, scale_wrt_gas=False)
+            if own_norm and engine.is_gradient_accumulation_boundary():
+                grad_norm = _grad_norm(engine.module)  # grads already all-reduced, not yet clipped
             engine.step()
-            loss_share += float(out_.loss.detach())
+            loss_share += float(out_["loss"].detach())
             aux_share += float(aux.detach())
             local_tokens += mb.num_tokens - mb.num_padding
             local_padding += mb.num_padding
@@ -273,7 +285,8 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
                                                           dist.device)
         state.step += 1
         dt = time.time() - t0
-        grad_norm = engine.get_global_grad_norm()
+        if not own_norm:
+            grad_norm = engine.get_global_grad_norm()
         load = vlm.language_model.model.expert_load()
         flops = _step_flops(vlm.config, info, training_flops)
         record = {
@@ -332,6 +345,12 @@ def _steps(loader: Any):
 
 def _model_inputs(mb: Any, rmpad: bool) -> dict[str, Any]:
     return mb.to_model_inputs() if rmpad else mb.to_padded()
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the (replicated, ZeRO-0) gradients."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _as_float(x: Any) -> float | None:
@@ -412,7 +431,8 @@ def _save_checkpoint(engine: Any, loader: Any, recipe: Recipe, state: RunState, 
     barrier()
 
 
-def _load_checkpoint(path: Path, engine: Any, loader: Any, recipe: Recipe, dist: DistInfo) -> RunState:
+def _check_resumable(path: Path, recipe: Recipe, dist: DistInfo) -> None:
+    """Refuse (TrainError) a resume whose recipe changed in a run-affecting field, or on another world size."""
     st = json.loads((path / "trainer_state.json").read_text())
     changed = _diff(st["fingerprint"], run_fingerprint(recipe))
     if changed and not recipe.train.resume_ignore_changes:
@@ -422,14 +442,20 @@ def _load_checkpoint(path: Path, engine: Any, loader: Any, recipe: Recipe, dist:
     if st["world_size"] != dist.world_size:
         raise TrainError(f"{path} was written by {st['world_size']} ranks, this run has {dist.world_size}: "
                          "resume on the same world size (world-size changes are not supported yet)")
+
+
+def _load_checkpoint(path: Path, engine: Any, loader: Any, recipe: Recipe, dist: DistInfo) -> RunState:
+    st = json.loads((path / "trainer_state.json").read_text())
     load_path, _ = engine.load_checkpoint(str(path / "engine"), tag="state", load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if load_path is None:
         raise TrainError(f"{path}: DeepSpeed found no engine state to load")
     loader.load_state_dict(st["loader"])
     rng = path / f"rng-rank{dist.rank:05d}.pt"
-    if rng.is_file():
-        ckpt.load_rng(rng)
+    if not rng.is_file():
+        raise TrainError(f"{path}: no {rng.name}, so rank {dist.rank} cannot restore its random state; the checkpoint "
+                         "is incomplete, resume from an earlier one (train.resume=PATH)")
+    ckpt.load_rng(rng)
     return RunState(step=int(st["step"]))
 
 
