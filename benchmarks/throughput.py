@@ -17,7 +17,8 @@
      (b) packed: the samples best-fit packed (`vlmtune.data.packing.pack_best_fit`) into packs of L tokens, L = the
          padded batches' mean allocation (B x their longest, averaged, rounded up to 64), `apply_rmpad` + the packed
          call (one (1, N) row per pack, no padding token).
-   Figures: supervised tokens per second (the same supervised tokens in both: checked), padding fraction (tokens
+   Figures: supervised tokens per second of wall time, and per CPU-second of the process (steadier on a machine
+   shared with other jobs; the same supervised tokens in every mode: checked), padding fraction (tokens
    computed that are padding), pack fill, peak memory. Each mode runs in its own subprocess (a fresh allocator),
    the first batch once untimed as a warm-up (on CUDA all in this process, see `spawn`). Peak memory: CPU = peak resident set size during the timed steps
    above the RSS just before them (a thread samples /proc/self/statm every 2 ms; tracemalloc cannot see torch's
@@ -230,15 +231,16 @@ def train_worker(args: argparse.Namespace) -> dict[str, Any]:
     _sync(device)
     supervised = 0
     with PeakMemory(device) as mem:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for inputs in batches:
             supervised += step(inputs)
         _sync(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     attention = rmpad_backend(model) if mode == "packed" else f"padded ref, ViT {backend or 'sdpa_masked'}"
     return {"mode": args.worker_mode, "attention": attention,
             "steps": len(batches), "seconds": seconds, "supervised_tokens": supervised,
-            "supervised_tokens_per_s": supervised / seconds, "computed_tokens": computed,
+            "supervised_tokens_per_s": supervised / seconds, "cpu_seconds": cpu_seconds,
+            "supervised_tokens_per_cpu_s": supervised / cpu_seconds, "computed_tokens": computed,
             "padding_fraction": 1 - plan["real_tokens"] / computed, "peak_memory_mb": mem.delta_mb,
             "threads": torch.get_num_threads()}
 
@@ -294,10 +296,12 @@ def spawn(kind: str, mode: str, args: argparse.Namespace, tmp: Path, **extra: st
         return result
     out = tmp / f"{kind}-{mode.replace(':', '_')}-{len(list(tmp.iterdir()))}.json"
     cmd = [sys.executable, __file__, "--worker", kind, "--worker-mode", mode, "--result-file", str(out),
-           "--device", args.device, "--dtype", args.dtype, "--samples-file", str(tmp / "samples.pt")]
+           "--device", args.device, "--dtype", args.dtype, "--samples-file", str(tmp / "samples.pt"),
+           "--threads", str(args.threads)]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", value]
-    subprocess.run(cmd, check=True)
+    # explicit thread count: the in-process length pass sets OMP_NUM_THREADS=1 in os.environ, children inherit it
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     return json.loads(out.read_text())
 
 
@@ -314,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads of every measurement (default 1: steadier on a shared machine)")
     add_json_argument(parser)
     # internal: worker processes
     parser.add_argument("--worker", choices=("train", "attention"), help=argparse.SUPPRESS)
@@ -325,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
 
+    torch.set_num_threads(args.threads)
     if args.worker:
         result = (train_worker if args.worker == "train" else attention_worker)(args)
         args.result_file.write_text(json.dumps(result))
@@ -332,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backends = (args.attention or ("auto,sdpa_varlen" if cuda else "auto")).split(",")
     payload: dict[str, Any] = {"benchmark": "throughput", "device": args.device, "dtype": args.dtype,
-                               "torch": torch.__version__, "threads": torch.get_num_threads()}
+                               "torch": torch.__version__, "threads": args.threads}
     if cuda:
         payload["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -364,12 +371,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pack fill {fill:.3f}; padded batches waste {base['padding_fraction']:.1%} of their tokens")
             for r in runs[1:]:
                 print(f"RATIO {r['mode']} / padded: {r['supervised_tokens_per_s'] / base['supervised_tokens_per_s']:.2f}x "
-                      f"supervised tokens/s, {r['peak_memory_mb'] / max(base['peak_memory_mb'], 1e-9):.2f}x peak memory")
+                      f"supervised tokens/s ({r['supervised_tokens_per_cpu_s'] / base['supervised_tokens_per_cpu_s']:.2f}x "
+                      f"per CPU-second), {r['peak_memory_mb'] / max(base['peak_memory_mb'], 1e-9):.2f}x peak memory")
             payload["train"] = {"data": info, "batch_size": args.batch_size, "plan": {
                 k: plan[k] for k in ("packing_length", "real_tokens", "padded_tokens", "lengths", "images")},
                 "packs": len(plan["packs"]), "padded_batches": len(plan["padded"]), "pack_fill": fill, "runs": runs,
                 "ratios": {r["mode"]: {"supervised_tokens_per_s": r["supervised_tokens_per_s"]
                                        / base["supervised_tokens_per_s"],
+                                       "supervised_tokens_per_cpu_s": r["supervised_tokens_per_cpu_s"]
+                                       / base["supervised_tokens_per_cpu_s"],
                                        "peak_memory": r["peak_memory_mb"] / max(base["peak_memory_mb"], 1e-9)}
                            for r in runs[1:]}}
         if not args.skip_attention:
