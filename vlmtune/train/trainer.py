@@ -238,7 +238,15 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
     # --- resume -------------------------------------------------------------------------------------------------
     state = RunState()
     if resume_from is not None:
+        # The optimizer state brings back the checkpoint's hyperparameters (base_lr, weight_decay, betas, eps); a
+        # resume that was allowed to change them (train.resume_ignore_changes) must run with the recipe's.
+        recipe_hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state = _load_checkpoint(resume_from, engine, loader, recipe, dist)
+        for group, hparams in zip(optimizer.param_groups, recipe_hparams, strict=True):
+            if group.get("name") != hparams.get("name"):
+                raise TrainError(f"{resume_from}: optimizer group {group.get('name')} where the recipe builds "
+                                 f"{hparams.get('name')}; the trainable parts changed, start a new train.output_dir")
+            group.update(hparams)
         logger.info("resumed from %s at step %d", resume_from, state.step)
 
     metrics = MetricsLogger(out, enabled=dist.is_main, max_steps=t.max_steps, start_step=state.step,
