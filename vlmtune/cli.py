@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                      "vlmtune.data.pack_cli:inspect_main"),
     "init-model": ("write a model directory: the tiny demo model (random weights) or the A3B configs (--meta)",
                    "vlmtune.models.kimi_vl.init_model:main"),
+    "export": ("export a training checkpoint as an HF-format model dir (full, --merge-lora or --adapter-only)",
+               "vlmtune.train.export:main"),
+    "generate": ("answer a prompt about images with a model dir (greedy or sampling, MLA KV cache)",
+                 "vlmtune.generate:main"),
     "train": ("train a recipe with DeepSpeed ZeRO (one process, or under torchrun / vlmtune launch)",
               "vlmtune.train.trainer:main"),
 }

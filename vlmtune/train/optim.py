@@ -68,19 +68,21 @@ def build_param_groups(model: nn.Module, *, lr: float, weight_decay: float,
         groups with keys params, lr, base_lr, weight_decay, name (e.g. ``vision_tower/decay``).
     """
     part_lr = part_lr or {}
-    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    # One group per (part, decay, dtype): the router stays fp32 in a bf16 model, and ZeRO flattens each group into
+    # one buffer, which must hold a single dtype.
+    buckets: dict[tuple[str, bool, str], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         part = part_of(name)
         decay = p.dim() >= 2 and not _NO_DECAY.search(name)
-        buckets.setdefault((part, decay), []).append(p)
+        buckets.setdefault((part, decay, str(p.dtype).removeprefix("torch.")), []).append(p)
     groups = []
-    for (part, decay), params in sorted(buckets.items()):
+    for (part, decay, dtype), params in sorted(buckets.items()):
         group_lr = part_lr.get(part) or lr
         groups.append({"params": params, "lr": group_lr, "base_lr": group_lr,
                        "weight_decay": weight_decay if decay else 0.0,
-                       "name": f"{part}/{'decay' if decay else 'no_decay'}"})
+                       "name": f"{part}/{'decay' if decay else 'no_decay'}/{dtype}"})
     if not groups:
         raise ValueError("no trainable parameters: every part is frozen (check model.freeze and model.lora)")
     return groups
