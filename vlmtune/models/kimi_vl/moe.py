@@ -104,8 +104,14 @@ class KimiVLTopkRouter(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:  # type: ignore[override]
         # model.to(bf16) / .half() / .bfloat16() must not round the router: keep >= fp32, converting from the
         # ORIGINAL tensor (not from the rounded one) so no precision is lost. Device moves and fp64 casts apply as asked.
+        # ``keep_fp32 = False`` lets the router weight follow the model (ZeRO-3 flattens all parameters into one
+        # buffer of one dtype; the optimizer then holds the fp32 master copy and routing still computes in fp32).
+        keep = getattr(self, "keep_fp32", True)
+
         def keep_fp32(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
+            if not keep and isinstance(t, nn.Parameter):
+                return out
             if t.is_floating_point() and out.is_floating_point() and torch.finfo(out.dtype).bits < 32:
                 return t.to(device=out.device, dtype=torch.float32)
             return out
