@@ -3,13 +3,14 @@
     python benchmarks/throughput.py [--json OUT] [--samples 96] [--batch-size 8] [--data demo|synthetic]
                                     [--device cpu|cuda] [--dtype fp32|bf16] [--attention auto,...]
 
-1. Samples. ``demo`` (default): the demo VQA set (`data_tools.demo_data.generate_demo_data`), a tiny BPE tokenizer
-   trained on it, the Kimi-VL-A3B image processor with in_token_limit 1024 (so an image gives up to 256 LM tokens):
-   exact chat-template tokens and label masks from the length pass (`OnTheFlySource.from_datasets`) and the real
-   processed images (`load_sample`). 0-3 images per sample, 34 to ~750 tokens: a long-tailed VLM mix. ``synthetic``:
-   lognormal text lengths, half the samples with one or two random-size images (no tokenizer, no image files).
-2. Training, the tiny model (`kimi_vl_tiny`, vocabulary sized to the tokenizer, fp32 on CPU, AdamW, forward +
-   backward + optimizer step per batch), the SAME samples in the SAME shuffled order:
+1. Samples. ``demo`` (default): the demo VQA set (`data_tools.demo_data.generate_demo_data`) through the tiny model
+   folder of `vlmtune init-model --preset tiny` (its tokenizer and chat template, its image processor with
+   in_token_limit 1024, so an image gives up to ~256 LM tokens): exact tokens and label masks from the length pass
+   (`OnTheFlySource.from_datasets`) and the processed images (`load_sample`). 0-3 images per sample, a few dozen to
+   several hundred tokens: a long-tailed VLM mix. ``synthetic``: lognormal text lengths, half the samples with one or
+   two random-size images (no tokenizer, no image files; `kimi_vl_tiny()`).
+2. Training, the tiny model (loaded from that folder; fp32 on CPU, AdamW, forward + backward + optimizer step per
+   batch), the SAME samples in the SAME shuffled order:
      (a) padded: batches of B consecutive samples padded to their longest, the unpatched model's padded forward
          (its vision tower attends all the batch's patches at once through the dense block-diagonal reference mask);
          and again with only the vision tower switched to per-image sdpa_varlen, to separate the text padding's
@@ -111,35 +112,28 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ samples
-def demo_samples(root: Path, n: int) -> tuple[list[Any], int, dict[str, Any]]:
-    """Demo VQA samples through the real length pass and image processor. Returns (samples, base tokens, info)."""
+def demo_samples(root: Path, n: int) -> tuple[list[Any], Path, dict[str, Any]]:
+    """Demo VQA samples through the tiny model folder's tokenizer, chat template and image processor.
+
+    Returns (samples, the model folder written by `vlmtune init-model --preset tiny`, info).
+    """
     from data_tools.demo_data import generate_demo_data
     from vlmtune.data.formats import DatasetSpec
     from vlmtune.data.on_the_fly import OnTheFlySource
     from vlmtune.models.kimi_vl.image_processing import KimiVLImageProcessor
-    from vlmtune.models.kimi_vl.tokenization import build_tokenizer_files
+    from vlmtune.models.kimi_vl.init_model import init_model
 
     generate_demo_data(root / "demo", samples=max(n, 6), eval_samples=6, seed=0)
-    corpus = (root / "demo" / "train.jsonl").read_text()
-    tokenizer = None
-    for merges in (400, 200, 100):  # as many merges as the corpus supports
-        try:
-            tokenizer = build_tokenizer_files(root / "model", corpus, merges)
-            break
-        except ValueError:
-            continue
-    if tokenizer is None:
-        raise RuntimeError("could not train the demo tokenizer")
-    processor = KimiVLImageProcessor.kimi_vl_a3b(in_token_limit=1024)
-    processor.save_pretrained(root / "model")
-    source = OnTheFlySource.from_datasets([DatasetSpec(root / "demo" / "train.jsonl")], root / "model",
+    model_dir = init_model(root / "model", preset="tiny", seed=0)
+    processor = KimiVLImageProcessor.from_pretrained(model_dir)
+    source = OnTheFlySource.from_datasets([DatasetSpec(root / "demo" / "train.jsonl")], model_dir,
                                           packing_length=1 << 20)
     samples = [source.load_sample(i, processor) for i in range(min(n, source.num_samples))]
-    return samples, tokenizer.num_base_tokens, {"source": "demo VQA set, real tokenizer + image processor",
-                                                "in_token_limit": 1024}
+    return samples, model_dir, {"source": "demo VQA set through the tiny model folder (vlmtune init-model: "
+                                          "tokenizer, chat template, image processor in_token_limit 1024)"}
 
 
-def synthetic_samples(n: int, seed: int = 0) -> tuple[list[Any], int, dict[str, Any]]:
+def synthetic_samples(n: int, seed: int = 0) -> tuple[list[Any], None, dict[str, Any]]:
     """Lognormal text lengths; half the samples carry one or two images of random even patch grids."""
     import numpy as np
 
@@ -162,7 +156,7 @@ def synthetic_samples(n: int, seed: int = 0) -> tuple[list[Any], int, dict[str, 
         mask[-max(text // 3, 2):] = True  # the answer: the last third of the text
         pv = torch.randn(sum(h * w for h, w in grids), 3, 14, 14, generator=g) if grids else None
         samples.append(SampleTensors(ids, mask, pv, torch.tensor(grids) if grids else None, i))
-    return samples, base, {"source": "synthetic lognormal text + random images"}
+    return samples, None, {"source": "synthetic lognormal text + random images (kimi_vl_tiny, 1792 ranks)"}
 
 
 def plan_batches(samples: list[Any], batch_size: int, seed: int) -> dict[str, Any]:
@@ -190,11 +184,16 @@ def plan_batches(samples: list[Any], batch_size: int, seed: int) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def _model(base_tokens: int, device: torch.device, dtype: torch.dtype) -> Any:
+def _model(model_dir: str | None, device: torch.device, dtype: torch.dtype) -> Any:
+    """The tiny model: from the init-model folder (demo data), or ``kimi_vl_tiny()`` (synthetic data)."""
     from vlmtune.models.kimi_vl import KimiVLForConditionalGeneration, kimi_vl_tiny
 
     torch.manual_seed(0)
-    return KimiVLForConditionalGeneration(kimi_vl_tiny(num_base_tokens=base_tokens)).to(device, dtype).train()
+    if model_dir is None:
+        model = KimiVLForConditionalGeneration(kimi_vl_tiny())
+    else:
+        model = KimiVLForConditionalGeneration.from_pretrained(model_dir)
+    return model.to(device, dtype).train()
 
 
 def train_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,7 +204,7 @@ def train_worker(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     blob = torch.load(args.samples_file, weights_only=False)
     samples, plan = blob["samples"], blob["plan"]
-    model = _model(blob["base_tokens"], device, dtype)
+    model = _model(blob["model_dir"], device, dtype)
     mode, _, backend = args.worker_mode.partition(":")
     if mode == "packed":
         apply_rmpad(model, attention=backend)
@@ -346,10 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         if not args.skip_train:
             t0 = time.perf_counter()
-            samples, base_tokens, info = (demo_samples(tmp, args.samples) if args.data == "demo"
-                                          else synthetic_samples(args.samples, args.seed))
+            samples, model_dir, info = (demo_samples(tmp, args.samples) if args.data == "demo"
+                                        else synthetic_samples(args.samples, args.seed))
             plan = plan_batches(samples, args.batch_size, args.seed)
-            torch.save({"samples": samples, "plan": plan, "base_tokens": base_tokens}, tmp / "samples.pt")
+            torch.save({"samples": samples, "plan": plan, "model_dir": None if model_dir is None else str(model_dir)},
+                       tmp / "samples.pt")
             print(f"{len(samples)} samples ({info['source']}), {plan['images']} images, tokens min/median/max "
                   f"{plan['lengths']['min']}/{plan['lengths']['median']}/{plan['lengths']['max']}; "
                   f"{len(plan['padded'])} padded batches of B={args.batch_size} vs {len(plan['packs'])} packs of "
