@@ -256,8 +256,9 @@ def _image_block(input_ids: np.ndarray, start: int, end: int, tokenizer: Any) ->
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(model_dir: str, verify_images: bool, specs: list[DatasetSpec]) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def _init_worker(model_dir: str, verify_images: bool, specs: list[DatasetSpec], in_process: bool = False) -> None:
+    if not in_process:  # worker processes only: never change the caller's environment
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER["measurer"] = SampleMeasurer(model_dir, verify_images)
     _WORKER["specs"] = specs
 
@@ -587,7 +588,7 @@ class _Runner:
                 initargs=(str(s.model_dir), s.verify_images, self.specs),
             )
         else:
-            _init_worker(str(s.model_dir), s.verify_images, self.specs)
+            _init_worker(str(s.model_dir), s.verify_images, self.specs, in_process=True)
         if s.progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

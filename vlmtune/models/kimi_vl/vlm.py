@@ -255,7 +255,7 @@ class KimiVLForConditionalGeneration(nn.Module):
         """
         from vlmtune.patches.rmpad import _unpad_input, pad_input
 
-        _reject_unknown(kwargs, allowed=("sample_ids", "num_samples"))
+        _reject_unknown(kwargs, allowed=())
         if use_cache:
             raise ValueError("use_cache=True is not supported with packed sequences (a KV cache mixes samples)")
         padded_call = cu_seqlens is None
