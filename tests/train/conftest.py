@@ -1,10 +1,9 @@
 """Fixtures for the trainer tests: a tiny Kimi-VL model folder, a small demo data set packed once, and helpers that
 write recipes pointing at them and run the trainer in this process or in a clean one.
 
-Everything is generated here (nothing binary in the repository). The model folder holds a BPE tokenizer trained
-on the demo vocabulary (80 merges), the `kimi_vl_tiny` weights (seed 0) and an image processor capped at 256
-patches per image; the demo set has 48 samples, packed into 12 packs of 512 tokens, so a step of 4 packs takes
-about a second on one core.
+Everything is generated here (nothing binary in the repository). The model folder is `init_model`'s tiny preset (seed 0)
+with the image processor capped at 256 patches per image; the demo set has 48 samples, packed into packs of 512
+tokens, so a step of 4 packs takes well under a second on one core.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,24 +39,13 @@ class Assets:
 
 
 def build_tiny_model(out_dir: Path) -> Path:
-    """Tokenizer + `kimi_vl_tiny` weights (seed 0) + preprocessor_config.json under ``out_dir``.
-
-    Switch to ``vlmtune.models.kimi_vl.init_model.init_model(out_dir, preset="tiny", seed=0)`` once it exists.
-    """
-    from data_tools.demo_data import QUESTION_TEMPLATES, _vocabulary
-    from vlmtune.models.kimi_vl import KimiVLForConditionalGeneration
-    from vlmtune.models.kimi_vl.configuration import kimi_vl_tiny
+    """`init_model(out_dir, preset="tiny", seed=0)`, with the image processor capped at 256 patches per image (64 LM
+    tokens) instead of 1024, so that the demo samples stay short and a step stays fast."""
     from vlmtune.models.kimi_vl.image_processing import KimiVLImageProcessor
-    from vlmtune.models.kimi_vl.tokenization import build_tokenizer_files
+    from vlmtune.models.kimi_vl.init_model import init_model
 
-    corpus = " ".join(_vocabulary()) + " system user assistant image You are a helpful assistant "
-    corpus += " ".join(QUESTION_TEMPLATES.values())
-    tok = build_tokenizer_files(out_dir, corpus * 3, 80)
-    cfg = kimi_vl_tiny(num_base_tokens=tok.num_base_tokens)
-    torch.manual_seed(0)
-    KimiVLForConditionalGeneration(cfg).save_pretrained(out_dir)
-    KimiVLImageProcessor(pad_input=True, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
-                         in_token_limit=IN_TOKEN_LIMIT).save_pretrained(out_dir)
+    init_model(out_dir, preset="tiny", seed=0)
+    KimiVLImageProcessor.kimi_vl_a3b(in_token_limit=IN_TOKEN_LIMIT).save_pretrained(out_dir)
     return out_dir
 
 

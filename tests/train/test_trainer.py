@@ -2,8 +2,8 @@
 metrics.jsonl holds the exact step facts, and the tiny recipe takes the bar's overrides.
 
 Measured (fp32, 6 steps of 4 packs, lr 1e-3): stages 0 and 2 give bit-identical losses, stage 3 differs by at most
-3.0e-7; grad_norm differs by at most 1.3e-6 relative between stages (DeepSpeed's own norm vs the trainer's for
-stage 0, different reduction orders); decoder + vision gradient checkpointing on vs off is bit-identical.
+2.4e-7; grad_norm differs by at most 1e-7 relative between stages (the trainer's float64 norm for stage 0, DeepSpeed's
+for 2 and 3); decoder + vision gradient checkpointing on vs off is bit-identical.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def runs(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         "gradient_checkpointing": {"decoder": True, "vision": True}})
     run_in_process(recipe)
     out["z2_gc"] = Path(recipe.train.output_dir)
+    out["model"] = assets.model
     return out
 
 
@@ -45,7 +46,8 @@ def test_each_stage_trains(runs: dict[str, Path], stage: int) -> None:
     assert all(math.isfinite(x) for x in losses)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses  # lr 1e-3 on random weights: every step lower
     assert losses[-1] < losses[0] - 1.0, losses
-    assert losses[0] == pytest.approx(math.log(592), abs=0.25)  # random init: about log(vocab) nats
+    vocab = json.loads((runs["model"] / "config.json").read_text())["text_config"]["vocab_size"]
+    assert losses[0] == pytest.approx(math.log(vocab), abs=0.25)  # random init: about log(vocab) nats
     assert all(r["grad_norm"] is not None and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
 
 
@@ -95,8 +97,12 @@ def test_metrics_hold_the_step_facts(runs: dict[str, Path], assets: Assets) -> N
         assert rec["aux_loss"] > 0  # kimi_vl_tiny has aux_loss_alpha 0.001
         assert rec["expert_load_max_mean"] >= 1.0
         assert rec["mfu"] is None  # CPU: no peak figure
-    assert sum(r["tokens"] for r in steps[:3]) == sum(int(p["tokens"]) for p in
-                                                       OfflinePackSource(assets.packs).reader.manifest["packs"])
+    # Epochs are carried over (no pack dropped): the first lcm(packs, 4) / 4 steps cover every pack equally often.
+    source = OfflinePackSource(assets.packs)
+    cover = math.lcm(len(source), 4)
+    assert cover // 4 <= len(steps)
+    all_tokens = sum(int(p["tokens"]) for p in source.reader.manifest["packs"])
+    assert sum(r["tokens"] for r in steps[:cover // 4]) == all_tokens * cover // len(source)
     ds = json.loads((out / "deepspeed.json").read_text())
     assert (ds["zero_optimization"]["stage"], ds["train_micro_batch_size_per_gpu"],
             ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 1, 4, 4)

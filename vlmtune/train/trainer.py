@@ -42,6 +42,10 @@ RESUME_NEUTRAL = ("train.output_dir", "train.resume", "train.resume_ignore_chang
                   "packing.pack_dir")
 
 
+def model_dtype_of(recipe: Recipe) -> torch.dtype:
+    return DTYPES[recipe.model.dtype]
+
+
 class TrainError(RuntimeError):
     """A run that cannot start or continue, with the fix in the message."""
 
@@ -179,7 +183,12 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
 
     from vlmtune.data.loader import PackedLoader
     from vlmtune.models.kimi_vl.image_processing import KimiVLImageProcessor
-    from vlmtune.train.ds_config import LossForward, build_ds_config, register_zero3_leaf_modules
+    from vlmtune.train.ds_config import (
+        LossForward,
+        build_ds_config,
+        register_zero3_leaf_modules,
+        zero3_single_dtype,
+    )
     from vlmtune.train.flops import training_flops
     from vlmtune.train.optim import build_param_groups, make_optimizer
 
@@ -213,6 +222,10 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
     if ds.zero_stage == 3:
         n = register_zero3_leaf_modules(vlm)
         logger.info("ZeRO-3: %d MoE blocks registered as leaf modules", n)
+        if model_dtype_of(recipe) != torch.float32:
+            n = zero3_single_dtype(vlm, model_dtype_of(recipe))
+            logger.info("ZeRO-3: %d router weights stored in %s (fp32 master copy in the optimizer, fp32 routing)",
+                        n, recipe.model.dtype)
     source = build_source(recipe, dist)
     processor = KimiVLImageProcessor.from_pretrained(recipe.model.path)
     loader = PackedLoader(
@@ -356,9 +369,10 @@ def _model_inputs(mb: Any, rmpad: bool) -> dict[str, Any]:
 
 
 def _grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the (replicated, ZeRO-0) gradients."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    """Global L2 norm of the (replicated, ZeRO-0) gradients, accumulated in float64 like DeepSpeed's ZeRO norm."""
+    sq = sum(float(torch.linalg.vector_norm(p.grad, dtype=torch.float64)) ** 2
+             for p in module.parameters() if p.grad is not None)
+    return math.sqrt(sq)
 
 
 def _as_float(x: Any) -> float | None:
