@@ -12,7 +12,7 @@ from vlmtune.config.loading import read_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 # Whoever adds (or removes) a recipe bumps this number, so that a recipe never goes untested by accident.
-EXPECTED_RECIPE_COUNT = 1
+EXPECTED_RECIPE_COUNT = 6
 RECIPES = sorted(p for p in RECIPES_DIR.rglob("*") if p.suffix in (".yaml", ".yml"))
 
 
