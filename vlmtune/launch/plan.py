@@ -90,12 +90,28 @@ def _preset_config(name: str) -> KimiVLConfig:
     raise PlanError(f"unknown preset {name!r}; choose a3b or tiny")
 
 
+_META_CACHE: dict[str, nn.Module] = {}
+
+
 def meta_model(config: KimiVLConfig) -> nn.Module:
-    """The model with every tensor on the meta device: shapes and names, no memory."""
+    """The model with every tensor on the meta device: shapes and names, no memory (built once per config: the A3B
+    takes seconds to construct even without memory)."""
     from vlmtune.models.kimi_vl import KimiVLForConditionalGeneration
 
-    with torch.device("meta"):
-        return KimiVLForConditionalGeneration(config)
+    key = config.to_json_string()
+    if key not in _META_CACHE:
+        with torch.device("meta"):
+            _META_CACHE[key] = KimiVLForConditionalGeneration(config)
+    return _META_CACHE[key]
+
+
+def _group(name: str) -> str:
+    """The unit a module belongs to for checkpointing: a decoder layer, a vision block, else its top-level part."""
+    parts = name.split(".")
+    for prefix in (("language_model", "model", "layers"), ("vision_tower", "encoder", "blocks")):
+        if tuple(parts[:3]) == prefix and len(parts) > 3:
+            return ".".join(parts[:4])
+    return parts[0]
 
 
 @dataclass(frozen=True)
@@ -120,7 +136,10 @@ class ParamCounts:
         experts: routed-expert parameters (total, trainable). largest_unit: parameters of the largest module ZeRO-3
             gathers at once (an MoE block counts whole: it is registered as a leaf module).
         trains: {module name: bool} whether each linear-like module keeps its input for backward (its weight
-            trains, or it carries a LoRA adapter); norms: whether their weight trains.
+            trains, or it carries a LoRA adapter that reads it directly); norms: whether their weight trains.
+        has_trainable: {unit: True} for every decoder layer (``language_model.model.layers.3``), vision block and
+            top-level part holding a trainable parameter or a LoRA adapter (what decides activation checkpointing and
+            whether autograd records a part at all).
     """
 
     total: int = 0
@@ -130,6 +149,7 @@ class ParamCounts:
     largest_unit: int = 0
     largest_unit_name: str = ""
     trains: dict[str, bool] = field(default_factory=dict)
+    has_trainable: dict[str, bool] = field(default_factory=dict)
 
 
 _PARTS = ("vision_tower", "multi_modal_projector", "language_model")
@@ -145,12 +165,11 @@ def count_parameters(config: KimiVLConfig, freeze: Any = None, lora: LoraSpec | 
     from vlmtune.train.optim import apply_freeze
 
     model = meta_model(config)
+    for p in model.parameters():  # the cached model may carry another recipe's freezing
+        p.requires_grad_(True)
     if freeze is not None:
         apply_freeze(model, vision_tower=freeze.vision_tower, projector=freeze.projector, decoder=freeze.decoder,
                      router=freeze.router_frozen)
-    else:
-        for name, p in model.named_parameters():
-            p.requires_grad_(not name.endswith("e_score_correction_bias"))
     out = ParamCounts()
     for name, p in model.named_parameters():
         part = name.split(".", 1)[0]
@@ -168,9 +187,13 @@ def count_parameters(config: KimiVLConfig, freeze: Any = None, lora: LoraSpec | 
         own = list(module.parameters(recurse=False))
         adapted = lora is not None and isinstance(module, nn.Linear) and lora.matches(name)
         if isinstance(module, LINEAR_LIKE):
-            out.trains[name] = bool(module.weight.requires_grad) or adapted
+            # an adapted linear keeps its input through lora_A, unless lora_A reads a dropout copy instead
+            out.trains[name] = bool(module.weight.requires_grad) or (adapted and lora.dropout == 0)
         elif isinstance(getattr(module, "weight", None), nn.Parameter):
             out.trains[name] = bool(module.weight.requires_grad)  # norms, embeddings, the router gate
+        if adapted or any(p.requires_grad for p in own):
+            for unit_name in {_group(name), name.split(".", 1)[0]}:
+                out.has_trainable[unit_name] = True
         if adapted:
             n = lora.r * (module.in_features + module.out_features)
             out.total += n
@@ -332,14 +355,14 @@ def _flag(trains: dict[str, bool], name: str) -> bool:
 
 
 def _lora_extra(t: _Terms, tag: str, module: str, in_features: int, b: int, lora: LoraSpec | None,
-                times: int = 1) -> None:
-    """An adapted linear: lora_B keeps lora_A's (r-wide) output; with dropout > 0 lora_A keeps dropout(x) and its
-    mask (the frozen base linear keeps nothing). ``times``: rows per token (K for routed experts)."""
+                device: str, times: int = 1) -> None:
+    """An adapted linear: lora_B keeps lora_A's (r-wide) output; with dropout > 0 lora_A keeps dropout(x), and the
+    dropout its mask (bool on CUDA, the input dtype on CPU). ``times``: rows per token (K for routed experts)."""
     if lora is None or not lora.matches(module):
         return
     t.add(f"{tag}.lora_rank", times * lora.r * b)
     if lora.dropout > 0:
-        t.add(f"{tag}.lora_dropout", times * in_features * (b + 1))
+        t.add(f"{tag}.lora_dropout", times * in_features * (b + (1 if device == "cuda" else b)))
 
 
 def decoder_layer_terms(config: KimiVLConfig, layer: int, trains: dict[str, bool], *, b: int, device: str,
@@ -373,14 +396,14 @@ def decoder_layer_terms(config: KimiVLConfig, layer: int, trains: dict[str, bool
     q_names = ["self_attn.q_proj"] if tc.q_lora_rank is None else ["self_attn.q_a_proj"]
     rms_norm("attn_norm", D, "input_layernorm", any(f(n) for n in [*q_names, "self_attn.kv_a_proj_with_mqa"]))
     for n in [*q_names, "self_attn.kv_a_proj_with_mqa"]:
-        _lora_extra(t, f"attn.{n.split('.')[-1]}", f"{pre}.{n}", D, b, lora)
+        _lora_extra(t, f"attn.{n.split('.')[-1]}", f"{pre}.{n}", D, b, lora, device)
     if tc.q_lora_rank is not None:
         rms_norm("q_norm", tc.q_lora_rank, "self_attn.q_a_layernorm", f("self_attn.q_b_proj"))
-        _lora_extra(t, "attn.q_b_proj", f"{pre}.self_attn.q_b_proj", tc.q_lora_rank, b, lora)
+        _lora_extra(t, "attn.q_b_proj", f"{pre}.self_attn.q_b_proj", tc.q_lora_rank, b, lora, device)
     # c_kv is a view of kv_a_proj's output: in the compute dtype the norm keeps that whole storage
     rms_norm("kv_norm", R, "self_attn.kv_a_layernorm", f("self_attn.kv_b_proj"),
              input_storage=(R + Dr) * c if b == c else R * c)
-    _lora_extra(t, "attn.kv_b_proj", f"{pre}.self_attn.kv_b_proj", R, b, lora)
+    _lora_extra(t, "attn.kv_b_proj", f"{pre}.self_attn.kv_b_proj", R, b, lora, device)
     t.add("rope.cos_sin", Dr * c)
     o_kept = f("self_attn.o_proj")
     if device == "cuda":  # flash-attn varlen: q, k, v (zero-padded to Dqk), out (Dqk), log-sum-exp
@@ -403,7 +426,7 @@ def decoder_layer_terms(config: KimiVLConfig, layer: int, trains: dict[str, bool
             t.add("attn.k", H * Dqk * dt)
             t.add("attn.probs", H * mean_segment * dt)
         t.add("attn.o_proj_input", H * Dv * b, o_kept)
-    _lora_extra(t, "attn.o_proj", f"{pre}.self_attn.o_proj", H * Dv, b, lora)
+    _lora_extra(t, "attn.o_proj", f"{pre}.self_attn.o_proj", H * Dv, b, lora, device)
 
     # --- MLP ---------------------------------------------------------------------------------------------------
     if tc.is_moe_layer(layer):
@@ -424,12 +447,12 @@ def decoder_layer_terms(config: KimiVLConfig, layer: int, trains: dict[str, bool
         t.add("experts.output", K * D * (c + b))  # expert outputs (x weights, in >= fp32) and the weighted sum
         t.add("experts.weights", K * c)
         for n, width in (("gate_proj", D), ("up_proj", D), ("down_proj", I)):
-            _lora_extra(t, f"experts.{n}", f"{pre}.mlp.experts.0.{n}", width, b, lora, times=K)
+            _lora_extra(t, f"experts.{n}", f"{pre}.mlp.experts.0.{n}", width, b, lora, device, times=K)
         if Is:
             t.add("shared.swiglu", 3 * Is * b)
             t.add("shared.down_input", Is * b, f("mlp.shared_experts.down_proj"))
             for n, width in (("gate_proj", D), ("up_proj", D), ("down_proj", Is)):
-                _lora_extra(t, f"shared.{n}", f"{pre}.mlp.shared_experts.{n}", width, b, lora)
+                _lora_extra(t, f"shared.{n}", f"{pre}.mlp.shared_experts.{n}", width, b, lora, device)
         if aux_loss:
             t.add("aux_loss", 2 * E * c + 8 + 1)  # normalised scores (and their copy), segment index, mask
     else:
@@ -438,7 +461,7 @@ def decoder_layer_terms(config: KimiVLConfig, layer: int, trains: dict[str, bool
         t.add("mlp.swiglu", 3 * I * b)
         t.add("mlp.down_input", I * b, f("mlp.down_proj"))
         for n, width in (("gate_proj", D), ("up_proj", D), ("down_proj", I)):
-            _lora_extra(t, f"mlp.{n}", f"{pre}.mlp.{n}", width, b, lora)
+            _lora_extra(t, f"mlp.{n}", f"{pre}.mlp.{n}", width, b, lora, device)
     return t
 
 
@@ -453,19 +476,19 @@ def vision_block_terms(config: KimiVLConfig, block: int, trains: dict[str, bool]
     t = _Terms()
     t.add("norm0.input_stats", Dv * c + 2 * c)  # layer_norm keeps x (or its fp32 copy), mean, rstd
     t.add("norm0.out", Dv * b, f("wqkv"))
-    _lora_extra(t, "v.wqkv", f"{pre}.wqkv", Dv, b, lora)
+    _lora_extra(t, "v.wqkv", f"{pre}.wqkv", Dv, b, lora, device)
     t.add("attn.q_k_rotated", 2 * Dv * b)
     t.add("attn.qkv", 3 * Dv * b)  # v is a view of wqkv's output: its whole storage stays
     t.add("attn.out", Dv * b)
     t.add("attn.lse", Hv * 4)
     t.add("attn.wo_input", Dv * b, f("wo") and device != "cuda")  # CPU: the per-image outputs concatenated
-    _lora_extra(t, "v.wo", f"{pre}.wo", Dv, b, lora)
+    _lora_extra(t, "v.wo", f"{pre}.wo", Dv, b, lora, device)
     t.add("norm1.input_stats", Dv * c + 2 * c)
     t.add("norm1.out", Dv * b, f("mlp.fc0"))
-    _lora_extra(t, "v.fc0", f"{pre}.mlp.fc0", Dv, b, lora)
+    _lora_extra(t, "v.fc0", f"{pre}.mlp.fc0", Dv, b, lora, device)
     t.add("mlp.fc0_out", Iv * b)  # GELU input
     t.add("mlp.gelu_out", Iv * b, f("mlp.fc1"))
-    _lora_extra(t, "v.fc1", f"{pre}.mlp.fc1", Iv, b, lora)
+    _lora_extra(t, "v.fc1", f"{pre}.mlp.fc1", Iv, b, lora, device)
     return t
 
 
@@ -501,15 +524,15 @@ def activation_bytes(
     b = DTYPE_BYTES[dtype]
     c = max(b, 4)
     D = tc.hidden_size
-    trains = counts.trains
+    trains, has = counts.trains, counts.has_trainable
     supervised = tokens if supervised is None else supervised
     seqlens = [tokens] if seqlens is None else list(seqlens)
     mean_segment = sum(L * L for L in seqlens) / max(tokens, 1)
     act = Activations()
 
-    vision_graph = any(v for k, v in trains.items() if k.startswith("vision_tower."))
-    projector_graph = vision_graph or any(v for k, v in trains.items() if k.startswith("multi_modal_projector."))
-    decoder_trains = any(v for k, v in trains.items() if k.startswith("language_model."))
+    vision_graph = has.get("vision_tower", False)
+    projector_graph = vision_graph or has.get("multi_modal_projector", False)
+    decoder_trains = has.get("language_model", False)
     if not (decoder_trains or projector_graph):
         raise PlanError("nothing trains: every part is frozen and no LoRA adapter is attached")
 
@@ -518,7 +541,7 @@ def activation_bytes(
     for i in range(tc.num_hidden_layers):
         terms = decoder_layer_terms(config, i, trains, b=b, device=device, mean_segment=mean_segment, lora=lora,
                                     aux_loss=aux_loss)
-        layer_trains = any(v for k, v in trains.items() if k.startswith(f"language_model.model.layers.{i}."))
+        layer_trains = has.get(f"language_model.model.layers.{i}", False)
         if ckpt_decoder and layer_trains and i % every_k == 0:
             layer_bytes += D * b  # the layer input, kept by the checkpoint
             ckpt_layers += 1
@@ -545,7 +568,7 @@ def activation_bytes(
         per_patch, ckpt_blocks, peak_block = 0.0, 0, 0.0
         for j in range(vc.num_hidden_layers):
             terms = vision_block_terms(config, j, trains, b=b, device=device, lora=lora)
-            block_trains = any(v for k, v in trains.items() if k.startswith(f"vision_tower.encoder.blocks.{j}."))
+            block_trains = has.get(f"vision_tower.encoder.blocks.{j}", False)
             if ckpt_vision and block_trains and j % every_k == 0:
                 per_patch += vc.hidden_size * b
                 ckpt_blocks += 1
