@@ -129,3 +129,22 @@ class LossForward(nn.Module):
     def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
         out = self.model(**inputs)
         return {"loss": out.loss, "aux_loss_sum": out.aux_loss_sum}
+
+
+def zero3_single_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """ZeRO-3 flattens every parameter into one buffer of one dtype, so the fp32 router weight of a bf16 model must be
+    stored in bf16 too. Precision is kept where it matters: the optimizer holds fp32 master weights, the router
+    computes its logits in fp32, and ``e_score_correction_bias`` is a buffer that stays fp32 (not partitioned).
+
+    Returns:
+        the number of router weights converted.
+    """
+    from vlmtune.models.kimi_vl.moe import KimiVLTopkRouter
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, KimiVLTopkRouter) and m.weight.dtype != dtype:
+            m.keep_fp32 = False
+            m.weight.data = m.weight.data.to(dtype)
+            n += 1
+    return n
