@@ -630,8 +630,7 @@ class Plan:
     flops_per_token: float
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
 
 def _lora_spec(recipe: Recipe) -> LoraSpec | None:
@@ -640,10 +639,10 @@ def _lora_spec(recipe: Recipe) -> LoraSpec | None:
 
 
 def _patches(recipe: Recipe, length: int, image_fraction: float) -> int:
-    """Patches of one pack: packing.max_vision_patches when set, else 4 per image token at ``image_fraction``."""
-    by_fraction = int(4 * image_fraction * length)
+    """Patches of one pack: the worst case packing.max_vision_patches allows (at most 4 per token) when it is set,
+    else 4 per image token with ``image_fraction`` of the tokens being image tokens."""
     cap = recipe.packing.max_vision_patches
-    return min(cap, by_fraction) if cap is not None and image_fraction < 1 else (cap or by_fraction)
+    return min(cap, 4 * length) if cap is not None else int(4 * image_fraction * length)
 
 
 def _largest_fitting(memory: Any, budget: float, step: int = 256, limit: int = 1 << 20) -> int:
@@ -808,7 +807,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
     parser.add_argument("--reserve", type=float, default=4.0, help="GiB kept free per GPU (default 4)")
     parser.add_argument("--image-fraction", type=float, default=0.5,
-                        help="share of image tokens in a pack when packing.max_vision_patches is unset (default 0.5)")
+                        help="share of image tokens in a pack when packing.max_vision_patches is unset (default 0.5); "
+                        "with it set, the plan assumes packs full up to that budget")
     parser.add_argument("--preset", choices=("a3b", "tiny"), default=None,
                         help="plan for this model preset instead of model.path/config.json")
     parser.add_argument("--tflops", type=float, default=989.0, help="peak TFLOPS per GPU for the time estimate")
