@@ -37,6 +37,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "vlmtune.train.export:main"),
     "generate": ("answer a prompt about images with a model dir (greedy or sampling, MLA KV cache)",
                  "vlmtune.generate:main"),
+    "launch": ("run vlmtune train on several processes/nodes (torchrun, DeepSpeed hostfile) or render a SLURM script",
+               "vlmtune.launch.launcher:main"),
+    "plan": ("per-GPU memory per ZeRO stage and offload, activations per packing_length, what fits; no weights needed",
+             "vlmtune.launch.plan:main"),
+    "reshard": ("consolidate a checkpoint's ZeRO partitions ahead of a world-size change",
+                "vlmtune.train.reshard:main"),
     "train": ("train a recipe with DeepSpeed ZeRO (one process, or under torchrun / vlmtune launch)",
               "vlmtune.train.trainer:main"),
 }

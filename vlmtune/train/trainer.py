@@ -454,30 +454,43 @@ def _save_checkpoint(engine: Any, loader: Any, recipe: Recipe, state: RunState, 
 
 
 def _check_resumable(path: Path, recipe: Recipe, dist: DistInfo) -> None:
-    """Refuse (TrainError) a resume whose recipe changed in a run-affecting field, or on another world size."""
+    """Refuse (TrainError) a resume whose recipe changed in a run-affecting field (a world-size change is allowed:
+    the checkpoint is resharded, see vlmtune/train/reshard.py)."""
     st = json.loads((path / "trainer_state.json").read_text())
     changed = _diff(st["fingerprint"], run_fingerprint(recipe))
     if changed and not recipe.train.resume_ignore_changes:
         raise TrainError(f"{path}: the recipe changed since this checkpoint in fields that alter the run:\n  "
                          + "\n  ".join(changed) + "\nrevert them, start a new train.output_dir, or set "
                          "train.resume_ignore_changes=true")
-    if st["world_size"] != dist.world_size:
-        raise TrainError(f"{path} was written by {st['world_size']} ranks, this run has {dist.world_size}: "
-                         "resume on the same world size (world-size changes are not supported yet)")
 
 
 def _load_checkpoint(path: Path, engine: Any, loader: Any, recipe: Recipe, dist: DistInfo) -> RunState:
     st = json.loads((path / "trainer_state.json").read_text())
-    load_path, _ = engine.load_checkpoint(str(path / "engine"), tag="state", load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
-    if load_path is None:
-        raise TrainError(f"{path}: DeepSpeed found no engine state to load")
+    resharded = st["world_size"] != dist.world_size
+    if resharded:
+        # Another world size: consolidate the ZeRO partitions (DeepSpeed universal format) and take this rank's share.
+        from vlmtune.train.reshard import ReshardError, load_resharded
+
+        try:
+            info = load_resharded(engine, path, is_main=dist.is_main, barrier=barrier)
+        except ReshardError as e:
+            raise TrainError(str(e)) from None
+        logger.info("resumed a %d-rank checkpoint on %d ranks: %s", st["world_size"], dist.world_size, info)
+    else:
+        load_path, _ = engine.load_checkpoint(str(path / "engine"), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if load_path is None:
+            raise TrainError(f"{path}: DeepSpeed found no engine state to load")
     loader.load_state_dict(st["loader"])
     rng = path / f"rng-rank{dist.rank:05d}.pt"
-    if not rng.is_file():
+    if rng.is_file():
+        ckpt.load_rng(rng)
+    elif resharded:
+        logger.info("rank %d did not exist in the %d-rank run: its random state starts from the seed",
+                    dist.rank, st["world_size"])
+    else:
         raise TrainError(f"{path}: no {rng.name}, so rank {dist.rank} cannot restore its random state; the checkpoint "
                          "is incomplete, resume from an earlier one (train.resume=PATH)")
-    ckpt.load_rng(rng)
     return RunState(step=int(st["step"]))
 
 
