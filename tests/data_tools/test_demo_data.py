@@ -24,14 +24,17 @@ from data_tools.demo_data import (
     main,
 )
 
-# Kinds of the default 600 / 120 split, from the kind weights by largest remainder (worked out by hand):
-# color 132, shape 132, brighter 108, find_red 84, color_shape 72, repeat 72 (train);
-# color 26, shape 26, brighter 21, find_red 17, color_shape 15, repeat 15 (eval).
+# Kinds of the default 5000 / 200 split, from the kind weights (.30 .12 .18 .18 .12 .10) by largest remainder,
+# worked out by hand: one of each kind, then floor(w * 4994) = 1498 599 898 898 599 499 (4991), and the 3 left go
+# to the largest remainders (.92 .92 .40: brighter, find_red, repeat):
+# color 1499, shape 600, brighter 900, find_red 900, color_shape 600, repeat 501 (train);
+# 200 eval: 1 + floor(w * 194) = 59 24 35 35 24 20 (197), +1 brighter, find_red, repeat:
+# color 59, shape 24, brighter 36, find_red 36, color_shape 24, repeat 21 (eval).
 EXPECTED_BY_QTYPE = {
-    "train": {"color": 132, "shape": 132 + 72, "brighter": 108, "find_red": 84, "repeat": 72},
-    "eval": {"color": 26, "shape": 26 + 15, "brighter": 21, "find_red": 17, "repeat": 15},
+    "train": {"color": 1499, "shape": 600 + 600, "brighter": 900, "find_red": 900, "repeat": 501},
+    "eval": {"color": 59, "shape": 24 + 24, "brighter": 36, "find_red": 36, "repeat": 21},
 }
-EXPECTED_IMAGES = {"train": 132 + 132 + 72 + 2 * 108 + 3 * 84, "eval": 26 + 26 + 15 + 2 * 21 + 3 * 17}
+EXPECTED_IMAGES = {"train": 1499 + 600 + 600 + 2 * 900 + 3 * 900, "eval": 59 + 24 + 24 + 2 * 36 + 3 * 36}
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
@@ -126,7 +129,7 @@ def test_different_seed_gives_different_data(small, tmp_path: Path) -> None:
 
 def test_counts_match_request_and_metadata(demo) -> None:
     root, meta = demo
-    for split, n in (("train", 600), ("eval", 120)):
+    for split, n in (("train", 5000), ("eval", 200)):
         samples = _read(root, split)
         counts = meta["counts"][split]
         assert len(samples) == counts["samples"] == n
@@ -138,9 +141,9 @@ def test_counts_match_request_and_metadata(demo) -> None:
         assert counts["by_num_images"] == {str(k): n_images.count(k) for k in range(4)}
         assert all(n_images.count(k) > 0 for k in range(4))  # 0, 1, 2 and 3 images all present
         multi = [s for s in samples if len(s["meta"]["turns"]) == 2]
-        assert counts["multi_turn"] == len(multi) == {"train": 72, "eval": 15}[split]
-        assert counts["text_only"] == n_images.count(0) == {"train": 72, "eval": 15}[split]
-    assert meta["seed"] == 0 and meta["version"] == "1.0.0"
+        assert counts["multi_turn"] == len(multi) == {"train": 600, "eval": 24}[split]
+        assert counts["text_only"] == n_images.count(0) == {"train": 501, "eval": 21}[split]
+    assert meta["seed"] == 0 and meta["version"] == "1.1.0"
     assert meta["images_total"] == EXPECTED_IMAGES["train"] + EXPECTED_IMAGES["eval"]
 
 
@@ -180,14 +183,15 @@ def test_answers_balanced_per_qtype(demo) -> None:
         # The unscored first turn of multi-turn samples is balanced too.
         firsts = Counter(s["meta"]["turns"][0]["answer"] for s in samples if len(s["meta"]["turns"]) == 2)
         assert max(firsts.values()) - min(firsts[a] for a in ANSWER_SETS["color"]) <= 1
-    # 600 train samples split exactly: every answer of a qtype appears equally often.
+    # Train counts per answer: 1499 colours = 3 x 375 + 374, 1200 shapes = 3 x 400, 900 = 2 x 450 and 3 x 300,
+    # 501 repeats = 3 x 125 + 126 (the shuffle decides which answer gets the short count).
     train = meta["answer_distributions"]["train"]
-    assert {q: sorted(set(d.values())) for q, d in train.items()} == {
-        "color": [33],
-        "shape": [68],
-        "brighter": [54],
-        "find_red": [28],
-        "repeat": [18],
+    assert {q: sorted(d.values()) for q, d in train.items()} == {
+        "color": [374, 375, 375, 375],
+        "shape": [400, 400, 400],
+        "brighter": [450, 450],
+        "find_red": [300, 300, 300],
+        "repeat": [125, 125, 125, 126],
     }
 
 
@@ -204,14 +208,14 @@ def test_blind_baseline_is_majority_rate_on_eval(demo) -> None:
             image_hits, image_total = image_hits + majority, image_total + len(answers)
     baseline = meta["blind_baseline_accuracy"]
     assert baseline["per_qtype"] == per_qtype
-    assert baseline["overall"] == hits / len(samples) == 42 / 120
-    assert baseline["image_qtypes"] == image_hits / image_total == 38 / 105
+    assert baseline["overall"] == hits / len(samples) == 67 / 200
+    assert baseline["image_qtypes"] == image_hits / image_total == 61 / 179
     assert per_qtype == {
-        "color": 7 / 26,
-        "shape": 14 / 41,
-        "brighter": 11 / 21,
-        "find_red": 6 / 17,
-        "repeat": 4 / 15,
+        "color": 15 / 59,
+        "shape": 16 / 48,
+        "brighter": 18 / 36,
+        "find_red": 12 / 36,
+        "repeat": 6 / 21,
     }
 
 
@@ -236,7 +240,8 @@ def test_pixels_determine_answers(demo) -> None:
                     background = px[~mask]
                     assert int((background.max(axis=1) - background.min(axis=1)).max()) <= 8
                     ys, _ = np.nonzero(mask)
-                    assert ys.max() - ys.min() + 1 >= 0.35 * min(px.shape[:2])
+                    # SHAPE_FRACTION[0] of the short side, rounded to whole pixels.
+                    assert ys.max() - ys.min() + 1 >= 0.6 * min(px.shape[:2]) - 0.5
                 elif qtype == "brighter":
                     lum = [_luminance(root, p) for p in paths]
                     brighter = "first" if lum[0] > lum[1] else "second"
@@ -250,11 +255,11 @@ def test_pixels_determine_answers(demo) -> None:
                     assert paths == [] and answer in sample["messages"][0]["content"][0]["text"].split()
                 checked[qtype] += 1
     assert checked == {
-        "color": 132 + 72 + 26 + 15,
-        "shape": 204 + 41,
-        "brighter": 129,
-        "find_red": 101,
-        "repeat": 87,
+        "color": 1499 + 600 + 59 + 24,
+        "shape": 1200 + 48,
+        "brighter": 900 + 36,
+        "find_red": 900 + 36,
+        "repeat": 501 + 21,
     }
 
 
@@ -279,8 +284,9 @@ def test_images_exist_sizes_varied_and_splits_disjoint(demo) -> None:
     assert len(digests["train"]) == len(referenced["train"]) and not digests["train"] & digests["eval"]
 
     sides = np.array(sizes)  # (I, 2) width, height
-    assert sides.min() >= MIN_SIDE and sides.max() <= MAX_SIDE
-    assert sides.min() < 80 and sides.max() > 700  # the range is actually used
+    assert sides.min() == MIN_SIDE == 56 and sides.max() == MAX_SIDE == 112  # the range is actually used
+    # At most 8 x 8 patches of 14 px: an image is at most 16 LM tokens after the 2 x 2 merge.
+    assert all(-(-w // 14) * -(-h // 14) <= 64 for w, h in sizes)
     ratios = Counter(round(w / h, 1) for w, h in sizes)
     assert (
         len([r for r, n in ratios.items() if n >= 10]) >= 7
