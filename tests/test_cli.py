@@ -63,10 +63,10 @@ def test_validate_prints_resolved_yaml_with_interleaved_overrides(capsys: pytest
     resolved = yaml.safe_load(out)
     assert resolved["train"]["max_steps"] == 4
     assert resolved["packing"]["packing_length"] == 512
-    assert resolved["train"]["learning_rate"] == 1e-3
+    assert resolved["train"]["learning_rate"] == 5e-4
     assert Path(resolved["model"]["path"]).is_absolute()
     assert out.splitlines()[1] == (
-        "# world size 2: 2 packs/rank/micro-step x 2 accumulation steps = 8 packs/optimizer step; warmup 0 of 4 steps"
+        "# world size 2: 2 packs/rank/micro-step x 1 accumulation steps = 4 packs/optimizer step; warmup 0 of 4 steps"
     )
     assert all(line.startswith("warning: ") for line in err.splitlines())
 
@@ -79,7 +79,7 @@ def test_validate_explain_lists_every_field(capsys: pytest.CaptureFixture[str]) 
     heads = [line for line in out.splitlines() if line and not line.startswith((" ", "#")) and "  (" in line]
     assert [h.split("  (")[0] for h in heads] == [d.key for d in iter_fields()]
     assert "train.max_steps  (int, default: required)  value: 4" in out
-    assert "train.learning_rate  (float, default: 1e-05)  value: 0.001" in out
+    assert "train.learning_rate  (float, default: 1e-05)  value: 0.0005" in out
     assert main(["validate", "--explain"]) == 0
     assert capsys.readouterr().out.startswith("model  (section, required)\n    The model to fine-tune.\n")
 
@@ -92,7 +92,7 @@ def test_validate_errors_exit_2_with_one_line_each(capsys: pytest.CaptureFixture
                    "did you mean `train.learning_rate`?\n")
     assert main(["validate", TINY, "--world-size", "3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {TINY}: train.global_batch_size=8 is not divisible by") and err.count("\n") == 1
+    assert err.startswith(f"error: {TINY}: train.global_batch_size=4 is not divisible by") and err.count("\n") == 1
     assert main(["validate", "missing.yaml"]) == 2
     assert capsys.readouterr().err == "error: missing.yaml: recipe file not found\n"
     assert main(["validate", TINY, "--world-size", "0"]) == 2  # argparse usage error

@@ -41,8 +41,9 @@ def test_tiny_cpu_recipe_values() -> None:
     assert (r.model.dtype, r.model.attention, r.precision) == ("float32", "sdpa_varlen", "fp32")
     assert r.model.gradient_checkpointing.decoder and r.model.gradient_checkpointing.vision
     assert (r.packing.packing_length, r.deepspeed.zero_stage) == (1024, 2)
-    assert (r.train.max_steps, r.train.global_batch_size, r.train.micro_batch_size) == (60, 8, 2)
-    assert (r.train.learning_rate, r.train.save_every, r.train.warmup_steps) == (1e-3, 20, 6)
+    assert (r.train.max_steps, r.train.global_batch_size, r.train.micro_batch_size) == (300, 4, 2)
+    assert (r.train.learning_rate, r.train.save_every, r.train.warmup_steps) == (5e-4, 100, 9)
     assert r.train.output_dir == root / "runs/tiny_cpu"
-    assert r.grad_accum_steps() == 4
-    assert read_yaml(RECIPES_DIR / "tiny_cpu.yaml")["train"]["learning_rate"] == 1e-3  # a float, not YAML 1.1 text
+    assert r.train.eval_every == 50 and r.data.eval[0].path == root / ".cache/demo_data/eval.jsonl"
+    assert r.grad_accum_steps() == 2
+    assert read_yaml(RECIPES_DIR / "tiny_cpu.yaml")["train"]["learning_rate"] == 5e-4  # a float, not YAML 1.1 text

@@ -122,7 +122,8 @@ def test_tiny_recipe_takes_the_bar_overrides(assets: Assets, tmp_path: Path) -> 
     bar = ["train.max_steps=4", "train.global_batch_size=4", "train.micro_batch_size=1", "train.save_every=2",
            "train.seed=3"]
     recipe = load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [
-        f"model.path={assets.model}", f"data.train.0.path={assets.train_file}", f"train.output_dir={out}", *bar],
+        f"model.path={assets.model}", f"data.train.0.path={assets.train_file}", "data.eval=null", "train.eval_every=null",
+        f"train.output_dir={out}", *bar],
         world_size=1)
     assert recipe.train.warmup_steps == 0  # warmup 0.1 x 4 steps rounds to 0: still valid
     steps = run_in_process(recipe)
