@@ -1,4 +1,4 @@
-"""Deterministic visual question-answering demo set: `vlmtune demo-data --out DIR`.
+"""Deterministic visual question-answering demo set: `vlmtune demo-data --out DIR [--max-side PX]`.
 
 The set is small enough to train a tiny VLM on a CPU in minutes and hard enough that the model must look
 at the images: every image question has a small closed answer set, answers are balanced within each
@@ -8,15 +8,24 @@ as `blind_baseline_accuracy`).
 Sized for `make demo` (the tiny Kimi-VL learns to see in ~300 optimizer steps on 2 CPU cores), from
 measurements on that model (see recipes/tiny_cpu.yaml):
 
-- Small images, sides 56..112 px (native resolution, nine aspect ratios): at most 8x8 patches, i.e. at
-  most 16 LM tokens per image, ~20 samples per 1024-token pack. Learning to look is a matter of optimizer
-  steps over many distinct samples: with 600 samples of up to 900 px the model only learned the answer
-  format and the text prior in the time budget (held-out accuracy at the blind baseline).
+- Small images by default, sides 56..112 px (native resolution, nine aspect ratios): at most 8x8 patches,
+  i.e. at most 16 LM tokens per image, ~20 samples per 1024-token pack. Learning to look is a matter of
+  optimizer steps over many distinct samples: with 600 samples of up to 900 px the model only learned the
+  answer format and the text prior in the time budget (held-out accuracy at the blind baseline).
 - Large shapes (60-90% of the short side), so most image tokens carry the shape's colour.
 - 5000 train samples (a few seconds to draw), so ~300 steps see each sample ~5 times, not ~45 times.
 - Kind weights lean on the questions a tiny model learns in minutes (colour, find-red, brightness);
   `shape` (telling circle / square / triangle apart at 2-3 merged tokens across) stays at its blind
   baseline in the demo budget, so it weighs 24% of the scored questions, not 34%.
+
+Varied native resolutions: `--max-side 900` (`generate_demo_data(..., max_side=900)`) draws sides from 56 to
+900 px, the range real VLM data spans (Kimi-VL-A3B's processor keeps up to 4096 patches, ~896 px square, at
+native resolution): the short side is log-uniform on [56, 900 / ratio], so small and large images both occur
+(a square image is <= 112 px a quarter of the time, >= 400 px 29% of the time) and one image costs 4 to ~1100
+LM tokens through that processor. Use it for packing, loader and throughput measurements, not for `make demo`.
+max_side takes 112..2048 (112: the 2:1 ratios need a long side of 2 x 56). It changes only the pixels: for a
+given seed the JSONL files (questions, answers, image paths) are byte-identical whatever max_side, so the same
+samples can be measured at both resolutions. metadata.json records the range as `image_side_range`.
 
 Layout written under DIR:
 
@@ -73,9 +82,11 @@ GENERATOR_VERSION = "1.1.0"
 DEFAULT_SAMPLES = 5000
 DEFAULT_EVAL_SAMPLES = 200
 
-# Image geometry: every side lies in [MIN_SIDE, MAX_SIDE]; aspect ratios are width:height.
+# Image geometry: every side lies in [MIN_SIDE, max_side]; aspect ratios are width:height. MAX_SIDE is the default
+# max_side (the `make demo` set); `--max-side` raises it up to MAX_SIDE_LIMIT for the varied-resolution set.
 MIN_SIDE = 56
 MAX_SIDE = 112
+MAX_SIDE_LIMIT = 2048
 ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
     (1, 1),
     (4, 3),
@@ -87,6 +98,8 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
     (2, 1),
     (1, 2),
 )
+# The widest aspect ratio (2:1) needs a long side of 2 * MIN_SIDE: the smallest max_side that holds every ratio.
+MIN_MAX_SIDE = math.ceil(MIN_SIDE * max(max(w, h) / min(w, h) for w, h in ASPECT_RATIOS))
 # The shape's bounding square is this fraction of the image's short side (the brief asks >= 0.35).
 SHAPE_FRACTION = (0.6, 0.9)
 
@@ -184,12 +197,18 @@ def _balanced(answers: list[str], count: int, rng: random.Random) -> list[str]:
 # ----------------------------------------------------------------------------------------------- drawing
 
 
-def _image_size(rng: random.Random) -> tuple[int, int]:
-    """(width, height) with a random aspect ratio; the short side is log-uniform so small images are common."""
+def _image_size(rng: random.Random, max_side: int) -> tuple[int, int]:
+    """(width, height) with a random aspect ratio and both sides in [MIN_SIDE, max_side].
+
+    The short side is log-uniform on [MIN_SIDE, max_side / ratio], so every octave of sizes is equally common
+    (at max_side 900 a square image is <= 112 px a quarter of the time and >= 400 px 29% of the time); the long
+    side is short * ratio, clipped to max_side where rounding overshoots. max_side >= MIN_MAX_SIDE keeps the
+    short side's range non-empty for the widest ratio.
+    """
     rw, rh = rng.choice(ASPECT_RATIOS)
     ratio = max(rw, rh) / min(rw, rh)
-    short = round(math.exp(rng.uniform(math.log(MIN_SIDE), math.log(MAX_SIDE / ratio))))
-    long = min(MAX_SIDE, round(short * ratio))
+    short = round(math.exp(rng.uniform(math.log(MIN_SIDE), math.log(max_side / ratio))))
+    long = min(max_side, round(short * ratio))
     return (long, short) if rw >= rh else (short, long)
 
 
@@ -216,18 +235,18 @@ def _draw_shape(
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def _shape_image(rng: random.Random, shape: str, color: str) -> Image.Image:
+def _shape_image(rng: random.Random, shape: str, color: str, max_side: int) -> Image.Image:
     """A coloured shape on a random grey background."""
-    size = _image_size(rng)
+    size = _image_size(rng, max_side)
     grey = rng.randint(*BACKGROUND_LEVELS)
     image = Image.new("RGB", size, _jitter((grey, grey, grey), BACKGROUND_TINT, rng))
     _draw_shape(ImageDraw.Draw(image), size, shape, _jitter(PALETTE[color], COLOR_JITTER, rng), rng)
     return image
 
 
-def _grey_image(rng: random.Random, level: int) -> Image.Image:
+def _grey_image(rng: random.Random, level: int, max_side: int) -> Image.Image:
     """A grey image at `level` with a faint lighter or darker shape, for the brightness question."""
-    size = _image_size(rng)
+    size = _image_size(rng, max_side)
     image = Image.new("RGB", size, (level, level, level))
     shape_level = min(255, max(0, level + rng.choice((-1, 1)) * BRIGHTNESS_SHAPE_DELTA))
     _draw_shape(ImageDraw.Draw(image), size, rng.choice(SHAPES), (shape_level,) * 3, rng)
@@ -239,13 +258,13 @@ def mean_luminance(image: Image.Image) -> float:
     return float(ImageStat.Stat(image.convert("L")).mean[0])
 
 
-def _brightness_pair(rng: random.Random, answer: str) -> list[Image.Image]:
+def _brightness_pair(rng: random.Random, answer: str, max_side: int) -> list[Image.Image]:
     """Two grey images whose mean luminances differ clearly; the brighter one sits at position `answer`."""
     while True:
         low, high = sorted(rng.randint(*BRIGHTNESS_LEVELS) for _ in range(2))
         if high - low < BRIGHTNESS_GAP:
             continue
-        dark, bright = _grey_image(rng, low), _grey_image(rng, high)
+        dark, bright = _grey_image(rng, low, max_side), _grey_image(rng, high, max_side)
         if mean_luminance(bright) - mean_luminance(dark) >= BRIGHTNESS_MIN_MEAN_GAP:
             return [bright, dark] if answer == "first" else [dark, bright]
 
@@ -266,26 +285,29 @@ def _user(image_paths: list[str], text: str) -> dict[str, Any]:
     return {"role": "user", "content": content}
 
 
-def _draw_sample(kind: Kind, answers: list[str], rng: random.Random) -> tuple[list[Image.Image], list[str]]:
+def _draw_sample(
+    kind: Kind, answers: list[str], rng: random.Random, max_side: int
+) -> tuple[list[Image.Image], list[str]]:
     """The images and the question text of each turn of one sample whose turn answers are `answers`."""
     if kind.name in ("color", "shape", "color_shape"):
         color = answers[0] if kind.turns[0] == "color" else rng.choice(ANSWER_SETS["color"])
         shape = answers[-1] if kind.turns[-1] == "shape" else rng.choice(SHAPES)
-        return [_shape_image(rng, shape, color)], [QUESTION_TEMPLATES[q] for q in kind.turns]
+        return [_shape_image(rng, shape, color, max_side)], [QUESTION_TEMPLATES[q] for q in kind.turns]
     if kind.name == "brighter":
-        return _brightness_pair(rng, answers[0]), [QUESTION_TEMPLATES["brighter"]]
+        return _brightness_pair(rng, answers[0], max_side), [QUESTION_TEMPLATES["brighter"]]
     if kind.name == "find_red":
         others = [c for c in PALETTE if c != "red"]
         colors = [rng.choice(others) for _ in ORDINALS]
         colors[ORDINALS.index(answers[0])] = "red"
-        return [_shape_image(rng, rng.choice(SHAPES), c) for c in colors], [QUESTION_TEMPLATES["find_red"]]
+        images = [_shape_image(rng, rng.choice(SHAPES), c, max_side) for c in colors]
+        return images, [QUESTION_TEMPLATES["find_red"]]
     if kind.name == "repeat":
         return [], [QUESTION_TEMPLATES["repeat"].format(word=answers[0])]
     raise ValueError(f"unknown sample kind {kind.name!r}")
 
 
 def _write_split(
-    out_dir: Path, split: str, n: int, seed: int, seen: set[bytes]
+    out_dir: Path, split: str, n: int, seed: int, seen: set[bytes], max_side: int
 ) -> tuple[list[dict[str, Any]], int]:
     """Generate and write one split; returns its samples and the bytes of PNG written.
 
@@ -308,7 +330,7 @@ def _write_split(
         answers.append(finals[kind.turns[-1]].pop())
         rng = _rng(seed, split, index)
         for _attempt in range(100):
-            images, questions = _draw_sample(kind, answers, rng)
+            images, questions = _draw_sample(kind, answers, rng, max_side)
             blobs = [_png_bytes(im) for im in images]
             digests = [hashlib.sha256(b).digest() for b in blobs]
             if len(set(digests)) == len(digests) and not seen.intersection(digests):
@@ -404,7 +426,7 @@ def _vocabulary() -> list[str]:
 
 
 def _build_metadata(
-    seed: int, splits: dict[str, list[dict[str, Any]]], png_bytes: int, images_total: int
+    seed: int, splits: dict[str, list[dict[str, Any]]], png_bytes: int, images_total: int, max_side: int
 ) -> dict[str, Any]:
     distributions = {split: _answer_distribution(s) for split, s in splits.items()}
     return {
@@ -429,7 +451,7 @@ def _build_metadata(
         "answer_distributions": distributions,
         "scoring": "each sample's final assistant turn: meta.answer among answer_sets[meta.qtype]",
         "blind_baseline_accuracy": blind_baseline(distributions["eval"]),
-        "image_side_range": [MIN_SIDE, MAX_SIDE],
+        "image_side_range": [MIN_SIDE, max_side],
         "aspect_ratios": [f"{w}:{h}" for w, h in ASPECT_RATIOS],
         "png_bytes_total": png_bytes,
         "images_total": images_total,
@@ -472,11 +494,29 @@ def _prepare_out_dir(out_dir: Path) -> None:
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
 
 
+def _check_max_side(max_side: object) -> int:
+    """`max_side` itself when it is an int in [MIN_MAX_SIDE, MAX_SIDE_LIMIT]; a ValueError naming --max-side else."""
+    if (
+        isinstance(max_side, bool)
+        or not isinstance(max_side, int)
+        or not MIN_MAX_SIDE <= max_side <= MAX_SIDE_LIMIT
+    ):
+        raise ValueError(
+            f"max_side={max_side!r} (--max-side): need an integer in [{MIN_MAX_SIDE}, {MAX_SIDE_LIMIT}] px. "
+            f"Below {MIN_MAX_SIDE} the 2:1 aspect ratios cannot keep their short side >= {MIN_SIDE} px; above "
+            f"{MAX_SIDE_LIMIT} the images only get slower to draw (Kimi-VL-A3B's processor already scales "
+            f"anything over 4096 patches, ~896 px square, down). Default {MAX_SIDE} (the make-demo set); "
+            "900 gives the varied native resolutions"
+        )
+    return max_side
+
+
 def generate_demo_data(
     out_dir: Path | str,
     samples: int = DEFAULT_SAMPLES,
     eval_samples: int = DEFAULT_EVAL_SAMPLES,
     seed: int = 0,
+    max_side: int = MAX_SIDE,
 ) -> dict[str, Any]:
     """Write the demo VQA set (train.jsonl, eval.jsonl, images/, metadata.json) under `out_dir`.
 
@@ -488,6 +528,9 @@ def generate_demo_data(
         samples: number of train samples (>= 6, one per sample kind at least).
         eval_samples: number of held-out eval samples (>= 6).
         seed: base seed; the same seed gives byte-identical files, another seed different data.
+        max_side: longest image side in px, an int in [MIN_MAX_SIDE, MAX_SIDE_LIMIT] = [112, 2048]; sides lie in
+            [MIN_SIDE, max_side]. It changes the pixels only: for a given seed the JSONL files (questions,
+            answers, image paths) are byte-identical whatever max_side.
 
     Returns:
         The metadata written to metadata.json.
@@ -500,14 +543,15 @@ def generate_demo_data(
             )
     if not isinstance(seed, int):
         raise TypeError(f"seed={seed!r}: expected an int")
+    max_side = _check_max_side(max_side)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     seen: set[bytes] = set()
     splits, png_bytes = {}, 0
     for split, n in zip(SPLITS, (samples, eval_samples)):
-        splits[split], written = _write_split(out_dir, split, n, seed, seen)
+        splits[split], written = _write_split(out_dir, split, n, seed, seen, max_side)
         png_bytes += written
-    metadata = _build_metadata(seed, splits, png_bytes, len(seen))
+    metadata = _build_metadata(seed, splits, png_bytes, len(seen), max_side)
     (out_dir / "metadata.json").write_text(
         json.dumps(metadata, sort_keys=True, indent=2, separators=(",", ": ")) + "\n", encoding="utf-8"
     )
@@ -515,7 +559,7 @@ def generate_demo_data(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`vlmtune demo-data --out DIR [--samples N] [--eval-samples M] [--seed S]`."""
+    """`vlmtune demo-data --out DIR [--samples N] [--eval-samples M] [--seed S] [--max-side PX]`."""
     parser = argparse.ArgumentParser(
         prog="vlmtune demo-data",
         description="Write the deterministic visual question-answering demo set (JSONL + PNG).",
@@ -526,10 +570,19 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-samples", type=int, default=DEFAULT_EVAL_SAMPLES, help="held-out eval samples"
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed (same seed -> identical bytes)")
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=MAX_SIDE,
+        help=f"longest image side in px, {MIN_MAX_SIDE}..{MAX_SIDE_LIMIT} (default {MAX_SIDE}, the make-demo set; "
+        f"900 gives varied native resolutions, sides {MIN_SIDE}..900)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     try:
-        meta = generate_demo_data(args.out, args.samples, args.eval_samples, args.seed)
+        meta = generate_demo_data(
+            args.out, args.samples, args.eval_samples, args.seed, max_side=args.max_side
+        )
     except (ValueError, FileExistsError, NotADirectoryError) as err:
         print(f"demo-data: error: {err}", file=sys.stderr)
         return 2
@@ -537,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     counts, baseline = meta["counts"], meta["blind_baseline_accuracy"]
     print(
         f"wrote {counts['train']['samples']} train / {counts['eval']['samples']} eval samples, "
-        f"{meta['images_total']} images ({meta['png_bytes_total'] / 1e6:.1f} MB) to {args.out} in {seconds:.1f} s"
+        f"{meta['images_total']} images ({meta['png_bytes_total'] / 1e6:.1f} MB, sides "
+        f"{meta['image_side_range'][0]}..{meta['image_side_range'][1]} px) to {args.out} in {seconds:.1f} s"
     )
     per_qtype = ", ".join(f"{q} {r:.3f}" for q, r in baseline["per_qtype"].items())
     print(

@@ -16,7 +16,10 @@ from PIL import Image
 
 from data_tools.demo_data import (
     ANSWER_SETS,
+    ASPECT_RATIOS,
     MAX_SIDE,
+    MAX_SIDE_LIMIT,
+    MIN_MAX_SIDE,
     MIN_SIDE,
     PALETTE,
     QUESTION_TEMPLATES,
@@ -35,6 +38,18 @@ EXPECTED_BY_QTYPE = {
     "eval": {"color": 59, "shape": 24 + 24, "brighter": 36, "find_red": 36, "repeat": 21},
 }
 EXPECTED_IMAGES = {"train": 1499 + 600 + 600 + 2 * 900 + 3 * 900, "eval": 59 + 24 + 24 + 2 * 36 + 3 * 36}
+# The 60 / 12 split the same way: 60 train = 6 + floor(w * 54) = 16 6 9 9 6 5 (51), +1 to the largest remainders
+# .72 .72 .48 (brighter, find_red, then shape before color_shape by index): color 17, shape 8, brighter 11,
+# find_red 11, color_shape 7, repeat 6; 12 eval = 6 + floor(w * 6) = 1 0 1 1 0 0, +1 to .8 .72 .72 (color, shape,
+# color_shape): color 3, shape 2, brighter 2, find_red 2, color_shape 2, repeat 1.
+SMALL_IMAGES = (17 + 8 + 7 + 2 * 11 + 3 * 11) + (3 + 2 + 2 + 2 * 2 + 3 * 2)  # 87 train + 17 eval = 104
+SMALL_CHECKED = {
+    "color": 17 + 7 + 3 + 2,
+    "shape": 8 + 7 + 2 + 2,
+    "brighter": 11 + 2,
+    "find_red": 11 + 2,
+    "repeat": 6 + 1,
+}
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
@@ -104,6 +119,13 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("small") / "data"
     generate_demo_data(root, samples=60, eval_samples=12, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The `small` samples at varied native resolutions (max_side 900)."""
+    root = tmp_path_factory.mktemp("varied") / "data"
+    return root, generate_demo_data(root, samples=60, eval_samples=12, seed=0, max_side=900)
 
 
 def test_same_seed_gives_byte_identical_files(demo, tmp_path: Path) -> None:
@@ -219,9 +241,9 @@ def test_blind_baseline_is_majority_rate_on_eval(demo) -> None:
     }
 
 
-def test_pixels_determine_answers(demo) -> None:
-    root, _ = demo
-    checked = Counter()
+def _check_pixels(root: Path) -> Counter:
+    """Assert that every image carries its sample's answers; returns the turns checked per qtype."""
+    checked: Counter = Counter()
     for split in ("train", "eval"):
         for sample in _read(root, split):
             paths = _image_paths(sample)
@@ -254,7 +276,12 @@ def test_pixels_determine_answers(demo) -> None:
                 elif qtype == "repeat":
                     assert paths == [] and answer in sample["messages"][0]["content"][0]["text"].split()
                 checked[qtype] += 1
-    assert checked == {
+    return checked
+
+
+def test_pixels_determine_answers(demo) -> None:
+    root, _ = demo
+    assert _check_pixels(root) == {
         "color": 1499 + 600 + 59 + 24,
         "shape": 1200 + 48,
         "brighter": 900 + 36,
@@ -352,3 +379,101 @@ def test_refuses_bad_arguments_and_foreign_folders(tmp_path: Path, capsys: pytes
     assert main(["--out", str(foreign), "--samples", "6", "--eval-samples", "6"]) == 2
     assert "pass an empty or new directory" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+# ----------------------------------------------------------------------------------------------- max_side
+
+
+def _sizes(root: Path) -> list[tuple[int, int]]:
+    sizes = []
+    for path in sorted((root / "images").iterdir()):
+        with Image.open(path) as im:
+            sizes.append(im.size)  # (width, height)
+    return sizes
+
+
+def test_max_side_900_gives_varied_native_resolutions(varied) -> None:
+    root, meta = varied
+    sizes = _sizes(root)
+    assert len(sizes) == meta["images_total"] == SMALL_IMAGES == 104
+    assert meta["image_side_range"] == [MIN_SIDE, 900] == [56, 900]
+    assert all(MIN_SIDE <= side <= 900 for size in sizes for side in size)
+    # Log-uniform short side: images within the default range and large ones both occur. Expected shares over
+    # the nine ratios: 10.5% with a long side <= 112 (~11 of 104), 35% with a long side >= 400 (~36); this
+    # seed draws 12 and 29.
+    assert sum(max(s) <= MAX_SIDE for s in sizes) >= 5
+    assert sum(max(s) >= 400 for s in sizes) >= 10
+    assert max(max(s) for s in sizes) > 700
+    # Every size is one of the nine aspect ratios: long = min(max_side, round(short * ratio)), exactly.
+    matched = Counter()
+    for w, h in sizes:
+        short, long = min(w, h), max(w, h)
+        fits = [
+            (rw, rh)
+            for rw, rh in ASPECT_RATIOS
+            if (rw >= rh) == (w >= h) and long == min(900, round(short * max(rw, rh) / min(rw, rh)))
+        ]
+        assert fits, (w, h)
+        matched[fits[0]] += 1
+    assert len(matched) >= 7 and all(n <= 30 for n in matched.values()), matched  # portrait and landscape
+    # Shapes keep 60-90% of the short side, colours and brightness carry the answers at every size.
+    assert _check_pixels(root) == SMALL_CHECKED
+
+
+def test_max_side_changes_only_the_pixels(small, varied, tmp_path: Path) -> None:
+    root, meta = varied
+    generate_demo_data(tmp_path / "again", samples=60, eval_samples=12, seed=0, max_side=900)
+    assert _hash_tree(tmp_path / "again") == _hash_tree(root)  # same seed -> byte-identical files
+    a, b = _hash_tree(small), _hash_tree(root)
+    assert a.keys() == b.keys() and len(a) == 3 + SMALL_IMAGES
+    for name in ("train.jsonl", "eval.jsonl"):  # same questions, answers and image paths
+        assert a[name] == b[name]
+    png = [k for k in a if k.endswith(".png")]
+    assert sum(a[k] != b[k] for k in png) == SMALL_IMAGES  # every image is redrawn at its new size
+    default_meta = json.loads((small / "metadata.json").read_text())
+    assert default_meta["image_side_range"] == [56, 112] and meta["image_side_range"] == [56, 900]
+    assert meta["png_bytes_total"] > default_meta["png_bytes_total"]
+    differ = {k for k in meta if meta[k] != default_meta[k]}
+    assert differ == {"image_side_range", "png_bytes_total"}
+
+
+def test_default_max_side_is_112(small, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert MAX_SIDE == MIN_MAX_SIDE == 112 and MAX_SIDE_LIMIT == 2048
+    generate_demo_data(tmp_path / "explicit", samples=60, eval_samples=12, seed=0, max_side=112)
+    assert _hash_tree(tmp_path / "explicit") == _hash_tree(small)
+    out = tmp_path / "cli"
+    argv = ["--out", str(out), "--samples", "60", "--eval-samples", "12", "--seed", "0", "--max-side", "112"]
+    assert main(argv) == 0
+    assert "sides 56..112 px" in capsys.readouterr().out
+    assert _hash_tree(out) == _hash_tree(small)
+
+
+def test_cli_max_side_matches_api(varied, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root, _ = varied
+    out = tmp_path / "cli"
+    argv = ["--out", str(out), "--samples", "60", "--eval-samples", "12", "--seed", "0", "--max-side", "900"]
+    assert main(argv) == 0
+    assert "104 images" in capsys.readouterr().out
+    assert _hash_tree(out) == _hash_tree(root)
+
+
+def test_max_side_limit_is_accepted(tmp_path: Path) -> None:
+    meta = generate_demo_data(tmp_path / "big", samples=6, eval_samples=6, seed=0, max_side=MAX_SIDE_LIMIT)
+    sizes = _sizes(tmp_path / "big")
+    assert meta["image_side_range"] == [56, 2048] and len(sizes) == meta["images_total"]
+    assert all(MIN_SIDE <= side <= MAX_SIDE_LIMIT for size in sizes for side in size)
+
+
+@pytest.mark.parametrize("bad", [0, 55, MIN_MAX_SIDE - 1, MAX_SIDE_LIMIT + 1, 900.0, "900", True, None])
+def test_bad_max_side_is_refused(bad: object, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"max_side=.* \(--max-side\): need an integer in \[112, 2048\] px"):
+        generate_demo_data(tmp_path / "out", samples=6, eval_samples=6, max_side=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_cli_bad_max_side(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for value in ("111", "2049"):
+        assert main(["--out", str(tmp_path / "out"), "--samples", "6", "--max-side", value]) == 2
+        err = capsys.readouterr().err
+        assert f"demo-data: error: max_side={value} (--max-side): need an integer in [112, 2048] px" in err
+    assert not (tmp_path / "out").exists()
