@@ -30,10 +30,14 @@ def part_of(name: str) -> str:
 
 
 def apply_freeze(model: nn.Module, *, vision_tower: bool = False, projector: bool = False, decoder: bool = False,
-                 router: bool = False) -> dict[str, int]:
-    """Set requires_grad=False on the frozen parts. Returns trainable parameter counts per part after freezing."""
+                 router: bool | None = None) -> dict[str, int]:
+    """Set requires_grad=False on the frozen parts. Returns trainable parameter counts per part after freezing.
+
+    ``router`` is the MoE router gates' own flag, as ``model.freeze.router`` (``Freeze.router_frozen``): None follows
+    ``decoder``; False trains the gates even under a frozen decoder (the routers alone), True freezes them.
+    """
     frozen = {"vision_tower": vision_tower, "multi_modal_projector": projector, "language_model": decoder,
-              "router": router or decoder}
+              "router": decoder if router is None else router}
     counts = dict.fromkeys((*PARTS, "router"), 0)
     for name, p in model.named_parameters():
         if name.endswith("e_score_correction_bias"):
