@@ -89,7 +89,7 @@ def saved_bytes(model: torch.nn.Module, inputs: dict) -> int:
 def _freeze_ns(freeze: dict[str, bool]) -> SimpleNamespace:
     return SimpleNamespace(vision_tower=freeze.get("vision_tower", False), projector=freeze.get("projector", False),
                            decoder=freeze.get("decoder", False),
-                           router_frozen=freeze.get("router", False) or freeze.get("decoder", False))
+                           router_frozen=freeze.get("router", freeze.get("decoder", False)))
 
 
 def measure_and_estimate(freeze: dict[str, bool], lora: LoraSpec | None, ckpt: bool) -> tuple[int, float, object]:
@@ -100,7 +100,7 @@ def measure_and_estimate(freeze: dict[str, bool], lora: LoraSpec | None, ckpt: b
     torch.manual_seed(0)
     model = KimiVLForConditionalGeneration(config)
     apply_freeze(model, vision_tower=freeze.get("vision_tower", False), projector=freeze.get("projector", False),
-                 decoder=freeze.get("decoder", False), router=freeze.get("router", False))
+                 decoder=freeze.get("decoder", False), router=freeze.get("router"))
     vlm = model
     if lora is not None:
         model = apply_lora(model, SimpleNamespace(r=lora.r, alpha=2.0 * lora.r, dropout=lora.dropout,
