@@ -263,6 +263,9 @@ def test_auto_classes_load_ours_without_remote_code(tmp_path: Path, monkeypatch:
         loaded = auto.from_pretrained(tmp_path)
         assert type(loaded) is KimiVLForConditionalGeneration
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    model.save_pretrained(tmp_path / "sub")  # a model in a subfolder of a repository folder
+    in_sub = transformers.AutoModel.from_pretrained(tmp_path, subfolder="sub")
+    assert all(torch.equal(in_sub.state_dict()[k], v) for k, v in state.items())
     as_bf16 = transformers.AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert as_bf16.dtype == torch.bfloat16
     assert as_bf16.language_model.model.layers[1].mlp.gate.weight.dtype == torch.float32

@@ -319,6 +319,8 @@ class KimiVLForConditionalGeneration(nn.Module):
         tensor is an error naming it.
         """
         path = Path(pretrained_model_name_or_path)
+        subfolder = kwargs.pop("subfolder", None) or ""  # transformers >= 5.25's AutoModel always passes it
+        path = path / subfolder if subfolder else path
         dtype = kwargs.pop("torch_dtype", dtype)
         unsupported = sorted(k for k in kwargs if k not in _HUB_ONLY_KWARGS)
         if args or unsupported:
