@@ -8,6 +8,7 @@ whether killed after step 3's checkpoint or during step 4's save, under ZeRO-2 a
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import (
+    DIST_ENV_KEYS,
     PYTHON,
     REPO,
     SCRIPTS,
@@ -166,3 +168,27 @@ def test_changed_recipe_refuses_unless_told(assets: Assets, straight: Path, tmp_
     assert [r["step"] for r in steps] == list(range(1, STEPS + 2))
     assert [r["loss"] for r in steps[:STEPS]] == _losses(straight)
     assert steps[-1]["lr"] == 0.002
+
+
+def test_cli_reports_a_refused_resume_in_one_line(assets: Assets, straight: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`vlmtune train` with another data order than the checkpoint's (seed changed, changes allowed): the loader
+    refuses to resume, and the CLI says so in one line (exit 1), not in a traceback."""
+    from vlmtune.train import trainer
+
+    out = _copy_run(straight, tmp_path)
+    _, path = _recipe(assets, tmp_path, 2)
+    saved = {k: os.environ.get(k) for k in DIST_ENV_KEYS}
+    try:
+        rc = trainer.main([str(path), "train.seed=5", f"train.max_steps={STEPS + 2}", "train.resume_ignore_changes=true"])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("vlmtune train: error:")]
+    assert rc == 1 and len(errors) == 1 and "Traceback" not in err
+    assert "train.seed" in errors[0]
+    assert len(read_steps(out)) == STEPS  # nothing was appended

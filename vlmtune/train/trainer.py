@@ -497,6 +497,23 @@ def _load_checkpoint(path: Path, engine: Any, loader: Any, recipe: Recipe, dist:
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The library's errors that describe a fix for the user (each message names the file, sample or key)."""
+    from vlmtune.data.chat_template import ChatTemplateError
+    from vlmtune.data.formats import DataFormatError
+    from vlmtune.data.ingest import IngestError
+    from vlmtune.data.loader import LoaderError
+    from vlmtune.data.pack_output import PackFormatError
+    from vlmtune.models.kimi_vl.checkpoint import CheckpointError
+    from vlmtune.models.kimi_vl.tokenization import TokenizerFileError
+    from vlmtune.ops.attention import AttentionBackendError
+    from vlmtune.patches.rmpad import RmpadError
+    from vlmtune.train.modes import LoraError
+
+    return (TrainError, LoaderError, PackFormatError, IngestError, DataFormatError, ChatTemplateError, CheckpointError,
+            TokenizerFileError, AttentionBackendError, RmpadError, LoraError)
+
+
 def main(argv: list[str]) -> int:
     """`vlmtune train RECIPE [key=value ...]`."""
     import argparse
@@ -510,6 +527,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    user_errors = _user_errors()
     try:
         recipe = load_recipe(args.recipe, overrides, world_size=world)
     except RecipeError as e:
@@ -518,7 +536,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         summary = train(recipe)
-    except TrainError as e:
+    except user_errors as e:  # a problem with the recipe, data, checkpoint or model files: one line, no traceback
         print(f"vlmtune train: error: {e}", file=sys.stderr)
         return 1
     if summary:
