@@ -8,10 +8,12 @@ tokens, so a step of 4 packs takes well under a second on one core.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,19 +112,27 @@ def read_steps(output_dir: Path) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if not r.get("eval")]
 
 
-def run_in_process(recipe: Any) -> list[dict[str, Any]]:
-    """`train(recipe)` in this process (one rank, the trainer's env defaults) -> the step records."""
-    from vlmtune.train.trainer import train
-
+@contextlib.contextmanager
+def launcher_env_restored() -> Iterator[None]:
+    """Put the launcher variables (RANK, WORLD_SIZE, MASTER_PORT, ...) back as they were after an in-process run: the
+    trainer sets one-rank defaults for itself."""
     saved = {k: os.environ.get(k) for k in DIST_ENV_KEYS}
     try:
-        train(recipe)
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def run_in_process(recipe: Any) -> list[dict[str, Any]]:
+    """`train(recipe)` in this process (one rank, the trainer's env defaults) -> the step records."""
+    from vlmtune.train.trainer import train
+
+    with launcher_env_restored():
+        train(recipe)
     return read_steps(Path(recipe.train.output_dir))
 
 

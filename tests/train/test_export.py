@@ -8,7 +8,6 @@ the reference the exports are compared with, read without any of the export code
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.train.conftest import launcher_env_restored
 from vlmtune.train.export import ExportError, export_checkpoint, published_name
 from vlmtune.train.export import main as export_main
 
@@ -67,16 +67,8 @@ def _train(recipe: Any, stage: int, monkeypatch: pytest.MonkeyPatch) -> dict[str
             snapshot.update({k: v.detach().clone() for k, v in vlm.state_dict().items()})
 
     monkeypatch.setattr(trainer, "_save_checkpoint", save_and_snapshot)
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                            "MASTER_PORT")}
-    try:
+    with launcher_env_restored():
         trainer.train(recipe)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert snapshot, "the trainer wrote no checkpoint"
     return snapshot
 

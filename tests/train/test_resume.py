@@ -8,7 +8,6 @@ whether killed after step 3's checkpoint or during step 4's save, under ZeRO-2 a
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -18,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import (
-    DIST_ENV_KEYS,
     PYTHON,
     REPO,
     SCRIPTS,
     Assets,
     clean_env,
+    launcher_env_restored,
     make_recipe,
     read_steps,
     run_cli,
@@ -178,15 +177,8 @@ def test_cli_reports_a_refused_resume_in_one_line(assets: Assets, straight: Path
 
     out = _copy_run(straight, tmp_path)
     _, path = _recipe(assets, tmp_path, 2)
-    saved = {k: os.environ.get(k) for k in DIST_ENV_KEYS}
-    try:
+    with launcher_env_restored():
         rc = trainer.main([str(path), "train.seed=5", f"train.max_steps={STEPS + 2}", "train.resume_ignore_changes=true"])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("vlmtune train: error:")]
     assert rc == 1 and len(errors) == 1 and "Traceback" not in err
