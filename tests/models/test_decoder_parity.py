@@ -19,37 +19,18 @@ to ~1e-15, which shows that the residual is the oracle's rounding and not a diff
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.models import _oracles as oracles  # the independent references
 from vlmtune.models.kimi_vl import decoder as decoder_mod
 from vlmtune.models.kimi_vl.attention import KimiVLAttention
 from vlmtune.models.kimi_vl.configuration import KimiVLTextConfig, kimi_vl_a3b, kimi_vl_tiny
 from vlmtune.models.kimi_vl.decoder import KimiVLDecoderLayer, KimiVLLanguageModel, KimiVLTextModel
 from vlmtune.models.kimi_vl.moe import KimiVLMoE
 
-
-def _load_oracles() -> types.ModuleType:
-    """tests/models/_oracles.py (pytest's importlib mode puts no test folder on sys.path)."""
-    name = "vlmtune_tests_models_oracles"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_oracles.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
-
-
-oracles = _load_oracles()
 dsv3 = oracles.dsv3
 _hf_config = oracles.hf_deepseek_config
 _oracle_state = oracles.oracle_decoder_state

@@ -21,35 +21,13 @@ formulas) and then agrees to ~1e-15, showing the residual is the oracle's roundi
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.models import _oracles as oracles  # the independent references
 from vlmtune.models.kimi_vl.configuration import KimiVLConfig, MoonViTConfig
 from vlmtune.models.kimi_vl.projector import KimiVLMultiModalProjector
 from vlmtune.models.kimi_vl.vit import MoonViT
-
-
-def _load_oracles() -> types.ModuleType:
-    """tests/models/_oracles.py (pytest's importlib mode puts no test folder on sys.path)."""
-    name = "vlmtune_tests_models_oracles"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_oracles.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
-
-
-oracles = _load_oracles()
 
 D, H, LAYERS, FFN, TEXT_D, POS = 64, 4, 3, 96, 48, 8
 # pos table 8x8: (4, 6) and (2, 10) shrink rows, (8, 8) is the native size, (2, 10) and (12, 4) enlarge an axis.

@@ -15,10 +15,7 @@ Not repeated here, covered elsewhere: router selection uses the bias and weights
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -26,26 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tests.models import _oracles as oracles  # the independent references
 from vlmtune.models.kimi_vl import KimiVLForConditionalGeneration, kimi_vl_a3b, kimi_vl_tiny
 from vlmtune.models.kimi_vl.configuration import KimiVLConfig
-
-
-def _load_oracles() -> types.ModuleType:
-    """tests/models/_oracles.py (pytest's importlib mode puts no test folder on sys.path)."""
-    name = "vlmtune_tests_models_oracles"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_oracles.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
-
-
-oracles = _load_oracles()
 
 NUM_BASE = 256  # tiny vocab: 256 ranks + 256 special slots
 CONFIG = kimi_vl_tiny(num_base_tokens=NUM_BASE)
