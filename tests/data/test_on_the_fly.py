@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from data_tools.demo_data import generate_demo_data
+from tests.data.test_loader import run_steps
 from vlmtune.data.batch import PackedBatch
 from vlmtune.data.formats import DatasetSpec
 from vlmtune.data.loader import LoaderError, OfflinePackSource, PackedLoader, StepInfo
@@ -52,16 +53,6 @@ def loader_for(world: dict[str, Any], source: Any, **kw: Any) -> PackedLoader:
                                 image_processor=world["processor"])
     args.update(kw)
     return PackedLoader(source, **args)
-
-
-def run_steps(loader: PackedLoader, steps: int) -> list[tuple[list[PackedBatch], StepInfo]]:
-    out: list[tuple[list[PackedBatch], StepInfo]] = []
-    while len(out) < steps:
-        for item in loader:
-            out.append(item)
-            if len(out) == steps:
-                break
-    return out
 
 
 def assert_runs_equal(a: list[tuple[list[PackedBatch], StepInfo]], b: list[tuple[list[PackedBatch], StepInfo]]) -> None:

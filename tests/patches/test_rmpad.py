@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.patches.test_packed_equivalence import _assert_grads_close
 from vlmtune.data.batch import SampleTensors, collate_samples
 from vlmtune.models.kimi_vl import KimiVLForConditionalGeneration, kimi_vl_tiny
 from vlmtune.models.kimi_vl.attention import KimiVLAttention
@@ -63,15 +64,6 @@ def _padded_batch(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
-
-
-def _assert_grads_close(a: dict, b: dict, **tol) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        if a[name] is None or b[name] is None:
-            assert a[name] is None and b[name] is None, f"gradient of {name} exists on one side only"
-            continue
-        torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def _packed_inputs(dtype: torch.dtype) -> dict:
