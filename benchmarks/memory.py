@@ -4,7 +4,7 @@
 
 What runs: one pack of ``--packing-length`` tokens (default 4096) filled from the demo VQA set
 (`data_tools.demo_data.generate_demo_data` through the tiny model folder's tokenizer, chat template and image
-processor: `throughput.demo_samples`), real images (about 1.5 per sample, up to 8x8 patches each), labels on the
+processor: `_common.demo_samples`), real images (about 1.5 per sample, up to 8x8 patches each), labels on the
 assistant text, the rest of the buffer one padding segment. The model is a wider tiny Kimi-VL (:func:`wide_config`:
 the structure of ``kimi_vl_tiny()`` -- a dense layer then 2 MoE layers, 8 experts top-2 + 1 shared, MLA; 2 MoonViT
 blocks -- at hidden 256 in the decoder and the vision tower), fp32 on CPU, ``apply_rmpad`` (the packed varlen path)
@@ -63,7 +63,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Target, add_json_argument, check_targets, print_table, targets_json, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    Target,
+    add_json_argument,
+    check_targets,
+    demo_samples,
+    print_table,
+    targets_json,
+    write_json,
+)
 
 from vlmtune.data.batch import PackedBatch, collate_samples  # noqa: E402
 from vlmtune.models.kimi_vl import KimiVLForConditionalGeneration  # noqa: E402
@@ -99,10 +107,9 @@ def build_pack(root: Path, packing_length: int) -> tuple[PackedBatch, dict[str, 
     not fit only when the next ones do not fit either. Raises when the pack is filled below 90%. The demo set and the
     tiny model folder are written under ``root`` with seed 0 (deterministic: the same pack every run).
     """
-    from throughput import demo_samples
-
-    # ~47 tokens per demo sample: ask for 1 sample per 16 tokens, plenty to fill the buffer
-    samples, model_dir, info = demo_samples(root, max(64, packing_length // 16))
+    # ~47 tokens per demo sample: ask for 1 sample per 16 tokens, plenty to fill the buffer. max_side 112 (the demo
+    # generator's default, sides 56..112 px): the figures above and in tests/test_bench_memory.py were measured on it
+    samples, model_dir, info = demo_samples(root, max(64, packing_length // 16), max_side=112)
     config = wide_config()
     folder = KimiVLConfig.from_pretrained(model_dir)
     if (folder.text_config.vocab_size, folder.media_placeholder_token_id) != (

@@ -1,14 +1,21 @@
 """Training throughput, side by side: padded batches vs packing + rmpad; and the varlen attention backends.
 
-    python benchmarks/throughput.py [--json OUT] [--samples 96] [--batch-size 8] [--data demo|synthetic]
-                                    [--device cpu|cuda] [--dtype fp32|bf16] [--attention auto,...]
+    python benchmarks/throughput.py [--json OUT] [--samples 192] [--batch-size 8] [--data demo|synthetic]
+                                    [--max-side 900] [--device cpu|cuda] [--dtype fp32|bf16] [--attention auto,...]
 
-1. Samples. ``demo`` (default): the demo VQA set (`data_tools.demo_data.generate_demo_data`) through the tiny model
-   folder of `vlmtune init-model --preset tiny` (its tokenizer and chat template, its image processor with
-   in_token_limit 1024, so an image gives up to ~256 LM tokens): exact tokens and label masks from the length pass
-   (`OnTheFlySource.from_datasets`) and the processed images (`load_sample`). 0-3 images per sample, a few dozen to
-   several hundred tokens: a long-tailed VLM mix. ``synthetic``: lognormal text lengths, half the samples with one or
-   two random-size images (no tokenizer, no image files; `kimi_vl_tiny()`).
+1. Samples. ``demo`` (default): the first --samples of the demo VQA set drawn at varied native resolutions
+   (`data_tools.demo_data.generate_demo_data(..., max_side=900)`: image sides 56..900 px; ``--max-side`` picks
+   another, recorded in the JSON; 112 = the CPU demo's small images) through the tiny model folder of
+   `vlmtune init-model --preset tiny` (`_common.demo_samples`: its tokenizer and chat template, its image processor
+   with in_token_limit 1024, which caps an image near 1024 patches): exact tokens and label masks from the length
+   pass (`OnTheFlySource.from_datasets`) and the processed images (`load_sample`). Measured at the defaults (seeded:
+   the same every run, printed by every run): 192 samples with 0-3 images, 275 images; LM tokens per sample
+   min/median/max 23/177.5/859 (mean 205), per image 9/70/289 (mean 121); 85% of the tokens are image tokens. A
+   long-tailed mix: most images are small, a few take ~290 tokens; a padded batch of 8 holds 2.9k to 8.7k patches,
+   and the dense mask's attention work (sum of squared patches per batch) is 7.2x the per-image work. 192 samples
+   (24 padded batches; it was 96): the padded peak memory is that of the batch with the most patches, so a short
+   run's figures depend on where the few large images fall. ``synthetic``: lognormal text lengths, half the samples
+   with one or two random-size images (no tokenizer, no image files; `kimi_vl_tiny()`).
 2. Training, the tiny model (loaded from that folder; fp32 on CPU, AdamW, forward + backward + optimizer step per
    batch), the SAME samples in the SAME shuffled order:
      (a) padded: batches of B consecutive samples padded to their longest, the unpatched model's padded forward
@@ -29,7 +36,7 @@
    and flash_attn when installed), time (median) and peak memory as above, each backend in its own subprocess.
 
 Ratios printed: packed / padded supervised tokens/s and peak memory; sdpa_masked / sdpa_varlen time and memory.
-Runs in ~2 minutes on 2 CPU cores with the defaults.
+Runs in ~2 minutes on 2 CPU cores with the defaults, most of it the padded runs.
 """
 
 from __future__ import annotations
@@ -51,7 +58,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_json_argument, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_MAX_SIDE,
+    add_json_argument,
+    demo_samples,
+    format_distribution,
+    print_table,
+    token_distribution,
+    write_json,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTN_N, ATTN_SEGMENTS = 8192, 8
@@ -112,27 +127,6 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ samples
-def demo_samples(root: Path, n: int) -> tuple[list[Any], Path, dict[str, Any]]:
-    """Demo VQA samples through the tiny model folder's tokenizer, chat template and image processor.
-
-    Returns (samples, the model folder written by `vlmtune init-model --preset tiny`, info).
-    """
-    from data_tools.demo_data import generate_demo_data
-    from vlmtune.data.formats import DatasetSpec
-    from vlmtune.data.on_the_fly import OnTheFlySource
-    from vlmtune.models.kimi_vl.image_processing import KimiVLImageProcessor
-    from vlmtune.models.kimi_vl.init_model import init_model
-
-    generate_demo_data(root / "demo", samples=max(n, 6), eval_samples=6, seed=0)
-    model_dir = init_model(root / "model", preset="tiny", seed=0)
-    processor = KimiVLImageProcessor.from_pretrained(model_dir)
-    source = OnTheFlySource.from_datasets([DatasetSpec(root / "demo" / "train.jsonl")], model_dir,
-                                          packing_length=1 << 20)
-    samples = [source.load_sample(i, processor) for i in range(min(n, source.num_samples))]
-    return samples, model_dir, {"source": "demo VQA set through the tiny model folder (vlmtune init-model: "
-                                          "tokenizer, chat template, image processor in_token_limit 1024)"}
-
-
 def synthetic_samples(n: int, seed: int = 0) -> tuple[list[Any], None, dict[str, Any]]:
     """Lognormal text lengths; half the samples carry one or two images of random even patch grids."""
     import numpy as np
@@ -307,9 +301,12 @@ def spawn(kind: str, mode: str, args: argparse.Namespace, tmp: Path, **extra: st
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=96, help="samples trained on in each mode (default 96)")
+    parser.add_argument("--samples", type=int, default=192, help="samples trained on in each mode (default 192)")
     parser.add_argument("--batch-size", type=int, default=8, help="B, samples per padded batch (default 8)")
     parser.add_argument("--data", choices=("demo", "synthetic"), default="demo")
+    parser.add_argument("--max-side", type=int, default=None,
+                        help=f"--data demo: the demo images' longest side in px, 112..2048 (default {BENCH_MAX_SIDE}: "
+                             "sides 56..900, varied native resolutions; 112 = the CPU demo's small images)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--attention", default=None,
@@ -327,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--attn-shape", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.max_side is not None and args.data != "demo":
+        parser.error(f"--max-side sets the demo images' size; it has no effect with --data {args.data}")
+    if args.max_side is None:
+        args.max_side = BENCH_MAX_SIDE
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
 
@@ -345,13 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         if not args.skip_train:
             t0 = time.perf_counter()
-            samples, model_dir, info = (demo_samples(tmp, args.samples) if args.data == "demo"
-                                        else synthetic_samples(args.samples, args.seed))
+            samples, model_dir, info = (demo_samples(tmp, args.samples, max_side=args.max_side)
+                                        if args.data == "demo" else synthetic_samples(args.samples, args.seed))
             plan = plan_batches(samples, args.batch_size, args.seed)
+            dist = token_distribution(((len(s.input_ids), [] if s.image_grid_hws is None else s.image_grid_hws.tolist())
+                                       for s in samples), info.get("merge_kernel_size", (2, 2)))
             torch.save({"samples": samples, "plan": plan, "model_dir": None if model_dir is None else str(model_dir)},
                        tmp / "samples.pt")
-            print(f"{len(samples)} samples ({info['source']}), {plan['images']} images, tokens min/median/max "
-                  f"{plan['lengths']['min']}/{plan['lengths']['median']}/{plan['lengths']['max']}; "
+            print(f"{len(samples)} samples ({info['source']}), {plan['images']} images; {format_distribution(dist)}; "
                   f"{len(plan['padded'])} padded batches of B={args.batch_size} vs {len(plan['packs'])} packs of "
                   f"L={plan['packing_length']} tokens (prepared in {time.perf_counter() - t0:.1f} s)")
             runs = [spawn("train", "padded", args, tmp), spawn("train", "padded:sdpa_varlen", args, tmp)]
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"RATIO {r['mode']} / padded: {r['supervised_tokens_per_s'] / base['supervised_tokens_per_s']:.2f}x "
                       f"supervised tokens/s ({r['supervised_tokens_per_cpu_s'] / base['supervised_tokens_per_cpu_s']:.2f}x "
                       f"per CPU-second), {r['peak_memory_mb'] / max(base['peak_memory_mb'], 1e-9):.2f}x peak memory")
-            payload["train"] = {"data": info, "batch_size": args.batch_size, "plan": {
+            payload["train"] = {"data": info, "token_distribution": dist, "batch_size": args.batch_size, "plan": {
                 k: plan[k] for k in ("packing_length", "real_tokens", "padded_tokens", "lengths", "images")},
                 "packs": len(plan["packs"]), "padded_batches": len(plan["padded"]), "pack_fill": fill, "runs": runs,
                 "ratios": {r["mode"]: {"supervised_tokens_per_s": r["supervised_tokens_per_s"]
