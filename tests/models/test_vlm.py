@@ -294,3 +294,22 @@ def test_a3b_on_meta_has_the_published_tensors_and_sizes() -> None:
     assert sizes == {"vision_tower.": 416_866_032, "multi_modal_projector.": 30_679_808,
                      "language_model.": sizes["language_model."]}
     assert state["language_model.model.layers.1.mlp.gate.weight"].dtype == torch.float32
+
+
+def test_output_is_a_dict_that_zero3_hooks_can_walk() -> None:
+    """DeepSpeed ZeRO-3 wraps every module's outputs with apply_to_tensors_only, which sees tensors in tuples, lists
+    and dicts only: our output must be one of those (it warned "unknown inputs or outputs type" as a dataclass)."""
+    from deepspeed.runtime.zero.utils import apply_to_tensors_only
+
+    from vlmtune.models.kimi_vl import KimiVLOutput
+
+    loss, logits = torch.tensor(2.0), torch.ones(1, 3, 5)
+    out = KimiVLOutput(loss=loss, num_sequences=2)
+    out.logits = logits
+    assert out["logits"] is logits and out.loss is loss and out.aux_loss is None and out.num_supervised_tokens == 0
+    touched = apply_to_tensors_only(lambda t: t * 3, out)
+    assert touched is out and float(out.loss) == 6.0 and torch.equal(out.logits, logits * 3) and out.num_sequences == 2
+    with pytest.raises(AttributeError, match="no field 'los'"):
+        out.los = loss
+    with pytest.raises(AttributeError, match="no field 'hidden'"):
+        _ = out.hidden

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +42,36 @@ from .projector import KimiVLMultiModalProjector
 from .vit import MoonViT
 
 
-@dataclass
-class KimiVLOutput:
-    """What a forward returns. Tensors are None when not computed."""
+class KimiVLOutput(dict):
+    """What a forward returns: a dict with attribute access (``out.loss`` or ``out["loss"]``), like transformers'
+    ModelOutput. It is a dict so that DeepSpeed ZeRO-3's module hooks, which look for tensors in tuples, lists and
+    dicts only, see the tensors it holds. Tensors are None when not computed.
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # mean over sequences of the per-sequence balance loss, summed over layers
-    aux_loss_sum: torch.Tensor | None = None  # the same summed over sequences (for step-level normalisation)
-    num_sequences: int = 0
-    num_supervised_tokens: int = 0
+    Fields:
+        loss: the reduced LM loss. logits: (B, T, V) or (1, N, V).
+        aux_loss: mean over sequences of the per-sequence balance loss, summed over layers.
+        aux_loss_sum: the same summed over sequences (for step-level normalisation).
+        num_sequences, num_supervised_tokens: counts of the call.
+    """
 
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
+    FIELDS = ("loss", "logits", "aux_loss", "aux_loss_sum", "num_sequences", "num_supervised_tokens")
+
+    def __init__(self, loss: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+                 aux_loss: torch.Tensor | None = None, aux_loss_sum: torch.Tensor | None = None,
+                 num_sequences: int = 0, num_supervised_tokens: int = 0) -> None:
+        super().__init__(loss=loss, logits=logits, aux_loss=aux_loss, aux_loss_sum=aux_loss_sum,
+                         num_sequences=num_sequences, num_supervised_tokens=num_supervised_tokens)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"KimiVLOutput has no field {key!r} (fields: {', '.join(self.FIELDS)})") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key not in self.FIELDS:
+            raise AttributeError(f"KimiVLOutput has no field {key!r} (fields: {', '.join(self.FIELDS)})")
+        self[key] = value
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
