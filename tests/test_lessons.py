@@ -17,8 +17,8 @@ this file); the tests here close the gaps that audit found:
   on-the-fly packing, two epochs).
 * ``train.resume``: a path resumes from that checkpoint, auto resumes from the newest one; the minimal recipe (every
   default) trains; ``deepspeed.extra`` is deep-merged.
-* Recipe fields that no library code reads ("flags that silently do nothing"), and two such flags checked by their
-  effect. The failures found are marked ``xfail(strict=True)`` with the reason (library bugs, not fixed here).
+* Every recipe field is read by some library code ("flags that silently do nothing"), and the three that were not
+  (deepspeed.torch_adam, logging.plots, logging.log_every; found by this file, fixed since) checked by their effect.
 
 Whole file: about 30 s on one core (the ZeRO-3 cases are the longest, ~3-9 s each).
 
@@ -155,24 +155,22 @@ def _set_aux_alpha(model: nn.Module, alpha: float) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # MoE / DeepSpeed: ZeRO-3 + non-reentrant checkpointing with frozen parameters
 # ----------------------------------------------------------------------------------------------------------------
-# name -> (model sections, force vision checkpointing past the schema, trainable decoder layers, vision blocks, frozen
-# parts). kimi_vl_tiny: 3 decoder layers (0 dense, 1-2 MoE), 2 vision blocks.
+# name -> (model sections, vision checkpointing switch, trainable decoder layers, vision blocks, frozen parts). kimi_vl_tiny: 3 decoder layers (0 dense, 1-2 MoE), 2 vision blocks.
 ZERO3_CASES: dict[str, tuple[dict[str, Any], bool, int, int, set[str]]] = {
     # Every base weight frozen, LoRA adapters in every decoder layer AND every vision block: each checkpointed block
-    # holds frozen parameters next to trainable ones, in both towers. The schema refuses vision checkpointing with
-    # model.freeze.vision_tower even when adapters make the tower trainable (see the xfail test below), so it is
-    # switched on after validation.
+    # holds frozen parameters next to trainable ones, in both towers. The schema accepts vision checkpointing with
+    # model.freeze.vision_tower here because LoRA targets put adapters in the tower (see the schema test below).
     "lora_both_towers": ({"freeze": {"vision_tower": True, "decoder": True},
                           "lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0,
                                    "targets": DECODER_TARGETS + VISION_TARGETS}},
                          True, 3, 2, {"vision_tower", "decoder", "router"}),
-    # A fully frozen tower with both switches on (forced past the schema, as an API user could): the tower runs under
-    # no_grad, so it is never checkpointed and keeps no activations.
-    "frozen_tower": ({"freeze": {"vision_tower": True}}, True, 3, 0, {"vision_tower"}),
+    # A fully frozen tower (vision checkpointing off: the schema and the trainer refuse it, see
+    # test_vision_checkpointing_of_a_frozen_tower_is_refused): the tower runs under no_grad and keeps no activations.
+    "frozen_tower": ({"freeze": {"vision_tower": True}}, False, 3, 0, {"vision_tower"}),
     # The routers alone in a frozen decoder, both switches on (a recipe the schema accepts): MoE layers hold frozen
     # attention and experts next to a trainable router; the dense layer 0 has nothing trainable, so it is not
     # checkpointed.
-    "routers_alone": ({"freeze": {"decoder": True, "router": False}}, False, 2, 2, {"decoder"}),
+    "routers_alone": ({"freeze": {"decoder": True, "router": False}}, True, 2, 2, {"decoder"}),
 }
 
 
@@ -194,13 +192,11 @@ def _zero3_run(assets: Assets, root: Path, case: str, checkpointing: bool) -> di
     import vlmtune.models.kimi_vl.vit as vit_mod
     from vlmtune.train import trainer
 
-    sections, force_vision, _, _, _ = ZERO3_CASES[case]
+    sections, vision_ckpt, _, _, _ = ZERO3_CASES[case]
     model = {"path": str(assets.model), "dtype": "float32", "attention": "sdpa_varlen", **sections,
-             "gradient_checkpointing": {"decoder": checkpointing, "vision": checkpointing and not force_vision}}
+             "gradient_checkpointing": {"decoder": checkpointing, "vision": checkpointing and vision_ckpt}}
     recipe, _ = make_recipe(assets, root, f"{case}_{'gc' if checkpointing else 'nogc'}", model=model,
                             deepspeed={"zero_stage": 3}, train={"max_steps": 2, "global_batch_size": 2})
-    if checkpointing and force_vision:
-        recipe.model.gradient_checkpointing.vision = True
     rec: dict[str, Any] = {"calls": {"decoder": 0, "vision": 0}, "tower_records_graph": []}
 
     def counting(region: str, fn: Any) -> Any:
@@ -268,13 +264,26 @@ def test_zero3_checkpointing_with_frozen_parameters(assets: Assets, tmp_path: Pa
         assert vision | attention <= moved  # the adapters inside the checkpointed blocks did train
 
 
-@pytest.mark.xfail(strict=True, raises=RecipeError, reason="BUG vlmtune/config/schema.py:175 (ModelSection._check): "
-                   "gradient_checkpointing.vision with freeze.vision_tower is refused even when model.lora.targets "
-                   "put trainable adapters in the tower")
+def test_vision_checkpointing_of_a_frozen_tower_is_refused(assets: Assets, tmp_path: Path) -> None:
+    """A fully frozen tower (no adapter in it) runs under no_grad: vision checkpointing would do nothing, so the schema
+    refuses it, and the trainer refuses it too when an API user switches it on past the schema."""
+    from vlmtune.train.trainer import TrainError
+
+    model = {"path": str(assets.model), "freeze": {"vision_tower": True},
+             "gradient_checkpointing": {"decoder": True, "vision": True}}
+    with pytest.raises(RecipeError, match="a frozen tower runs under no_grad"):
+        make_recipe(assets, tmp_path, "refused", model=model)
+    model["gradient_checkpointing"] = {"decoder": True, "vision": False}
+    recipe, _ = make_recipe(assets, tmp_path, "forced", model=model, train={"max_steps": 1})
+    recipe.model.gradient_checkpointing.vision = True
+    with pytest.raises(TrainError, match="nothing in the vision tower trains"):
+        run_in_process(recipe)
+
+
 def test_lora_on_a_frozen_tower_may_be_checkpointed() -> None:
     """model.freeze.vision_tower + LoRA adapters in the tower: the tower trains (its adapters), does not run under
-    no_grad, and checkpointing it is exact under ZeRO-3 (``lora_both_towers`` above); the schema refuses
-    model.gradient_checkpointing.vision with a reason ("a frozen tower runs under no_grad") that is false here."""
+    no_grad, and checkpointing it is exact under ZeRO-3 (``lora_both_towers`` above), so the schema accepts
+    model.gradient_checkpointing.vision there (it refuses it for a frozen tower without adapters)."""
     from vlmtune.config import recipe_from_dict
 
     tree = {"model": {"path": "m", "freeze": {"vision_tower": True, "decoder": True},
@@ -659,16 +668,9 @@ def _leaf_fields() -> list[str]:
 # Fields the library reads through a derived property of the schema rather than by their own name.
 DERIVED = {"train.warmup": "warmup_steps"}
 # Recipe fields no library code reads (found by this test); each is a bug in the library, not fixed here.
-UNREAD = {
-    "deepspeed.torch_adam": "vlmtune/train/optim.py:make_optimizer always builds torch.optim.AdamW; false never "
-                            "selects DeepSpeed's Adam nor fails",
-    "logging.log_every": "vlmtune/train/trainer.py logs every step whatever the value",
-    "logging.plots": "vlmtune/train/metrics.py:MetricsLogger.summary always writes loss.png",
-}
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=f"BUG: {UNREAD[k]}"))
-                                 if k in UNREAD else k for k in _leaf_fields()])
+@pytest.mark.parametrize("key", _leaf_fields())
 def test_every_recipe_field_is_read_by_the_library(key: str) -> None:
     """A lower bound on "every requested feature is applied": the field's name (or the property derived from it) is
     read somewhere in the library (``.name``, ``["name"]`` or ``.get("name")``). A field never read cannot act."""
@@ -678,7 +680,6 @@ def test_every_recipe_field_is_read_by_the_library(key: str) -> None:
     assert readers, f"recipe field {key} is read nowhere in vlmtune/ outside vlmtune/config"
 
 
-@pytest.mark.xfail(strict=True, reason=f"BUG: {UNREAD['logging.plots']}")
 def test_logging_plots_false_writes_no_plot(assets: Assets, tmp_path: Path) -> None:
     recipe, _ = make_recipe(assets, tmp_path, "noplots", logging={"plots": False}, train={"max_steps": 1})
     run_in_process(recipe)
@@ -687,7 +688,6 @@ def test_logging_plots_false_writes_no_plot(assets: Assets, tmp_path: Path) -> N
     assert sorted(p.name for p in out.glob("*.png")) == []
 
 
-@pytest.mark.xfail(strict=True, reason=f"BUG: {UNREAD['deepspeed.torch_adam']}")
 def test_torch_adam_false_is_applied_or_refused(assets: Assets, tmp_path: Path) -> None:
     """deepspeed.torch_adam=false asks for DeepSpeed's Adam: the run must use it or stop with an error that says so."""
     import deepspeed
@@ -711,3 +711,64 @@ def test_torch_adam_false_is_applied_or_refused(assets: Assets, tmp_path: Path) 
         return
     assert len(seen) == 1 and type(seen[0]) is not torch.optim.AdamW
 
+
+
+def test_make_optimizer_selects_deepspeeds_adam_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deepspeed.torch_adam=false: DeepSpeedCPUAdam with an offloaded optimizer, FusedAdam on CUDA, an error naming
+    the fix on a CPU run without offload (the real classes build extensions, so stand-ins record the call)."""
+    import deepspeed.ops.adam as ds_adam
+
+    from vlmtune.train.optim import make_optimizer
+
+    made: list[tuple[str, dict[str, Any]]] = []
+
+    def stand_in(name: str) -> type:
+        class Recorder:
+            def __init__(self, groups: list[dict], **kwargs: Any) -> None:
+                made.append((name, kwargs))
+        return Recorder
+
+    monkeypatch.setattr(ds_adam, "DeepSpeedCPUAdam", stand_in("cpu"))
+    monkeypatch.setattr(ds_adam, "FusedAdam", stand_in("fused"))
+    groups = [{"params": [nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
+    assert type(make_optimizer(groups, betas=(0.9, 0.99), eps=1e-6)) is torch.optim.AdamW
+    make_optimizer(groups, betas=(0.9, 0.99), eps=1e-6, torch_adam=False, offload_optimizer=True)
+    make_optimizer(groups, betas=(0.9, 0.99), eps=1e-6, torch_adam=False, device_type="cuda")
+    assert made == [("cpu", {"betas": (0.9, 0.99), "eps": 1e-6, "adamw_mode": True}),
+                    ("fused", {"betas": (0.9, 0.99), "eps": 1e-6, "adam_w_mode": True})]
+    with pytest.raises(ValueError, match=r"deepspeed.torch_adam=false .* needs CUDA.*set deepspeed.torch_adam=true"):
+        make_optimizer(groups, torch_adam=False, device_type="cpu")
+
+
+def test_log_every_thins_the_console_and_tensorboard_not_the_metrics(tmp_path: Path) -> None:
+    """logging.log_every=2 over 5 steps: console lines and TensorBoard scalars at steps 2, 4 and the last (5);
+    metrics.jsonl keeps all 5 (resume and the curves read it); plots=False writes no PNG."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlmtune.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, enabled=True, max_steps=5, log_every=2, plots=False, show_progress=False)
+    logger.console.file = io.StringIO()
+    for step in range(1, 6):
+        logger.log_step({"step": step, "loss": 1.0 / step, "lr": 1e-3, "tokens_per_s": 10.0})
+    summary = logger.summary()
+    logger.close()
+    lines = [ln for ln in logger.console.file.getvalue().splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["2/5", "4/5", "5/5"]
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 5]
+    assert summary["steps"] == 5 and not list(tmp_path.glob("*.png"))
+    with pytest.raises(ValueError, match="log_every=0"):
+        MetricsLogger(tmp_path, enabled=False, max_steps=5, log_every=0)
+
+
+def test_zero3_leaves_torch_linear_as_it_was(assets: Assets, tmp_path: Path) -> None:
+    """DeepSpeed ZeRO-3 replaces torch.nn.functional.linear process-wide and never restores it; the trainer does, so
+    what runs after it in the same process (the demo's export, eval and generation; a planner measurement) sees
+    torch's own linear (its saved-tensor bytes for a frozen weight differ: the wrapper saves the weight)."""
+    linear = torch.nn.functional.linear
+    recipe, _ = make_recipe(assets, tmp_path, "z3", deepspeed={"zero_stage": 3}, train={"max_steps": 1})
+    run_in_process(recipe)
+    assert torch.nn.functional.linear is linear

@@ -116,6 +116,11 @@ class Freeze(_Section):
         return self.decoder if self.router is None else self.router
 
 
+# The MoonViT block's linear layers (vit.py): LoRA targets among these put trainable adapters in the vision tower, so a
+# frozen tower still trains and may be checkpointed.
+VISION_LORA_MODULES = frozenset({"wqkv", "wo", "fc0", "fc1"})
+
+
 class Lora(_Section):
     """LoRA adapters (peft). Base weights stay governed by model.freeze; adapters are always trainable."""
 
@@ -172,7 +177,8 @@ class ModelSection(_Section):
     def _check(self) -> ModelSection:
         problems: list[str] = []
         gc, fr, lora = self.gradient_checkpointing, self.freeze, self.lora
-        if gc.vision and fr.vision_tower:
+        vision_adapters = lora.enabled and bool(VISION_LORA_MODULES & set(lora.targets))
+        if gc.vision and fr.vision_tower and not vision_adapters:
             problems.append(
                 "model.gradient_checkpointing.vision is true but model.freeze.vision_tower is true: a frozen tower runs "
                 "under no_grad and has nothing to checkpoint; set model.gradient_checkpointing.vision: false"
@@ -510,7 +516,9 @@ class DeepSpeedSection(_Section):
         "float32 -> fp32, float64 -> fp64). An explicit value must agree with model.dtype.",
     )
     torch_adam: bool = Field(
-        True, description="Use torch.optim.AdamW rather than DeepSpeed's fused Adam (no CUDA extension to build)."
+        True, description="true: torch.optim.AdamW (nothing to build; CPU and GPU). false: DeepSpeed's Adam in AdamW mode, "
+        "FusedAdam on CUDA or DeepSpeedCPUAdam with offload_optimizer: cpu (extensions built on first use); refused "
+        "on a CPU run without offload."
     )
     overlap_comm: bool = Field(False, description="Overlap gradient reduction with backward (ZeRO stage >= 1).")
     reduce_bucket_size: int = Field(500_000_000, ge=1, description="Elements per gradient reduce bucket.")
@@ -579,7 +587,10 @@ class LoggingSection(_Section):
 
     model_config = ConfigDict(extra="forbid")
 
-    log_every: int = Field(1, ge=1, description="Print/log metrics every N optimizer steps.")
+    log_every: int = Field(
+        1, ge=1, description="TensorBoard / W&B scalars, and the console line when there is no progress bar, every N "
+        "optimizer steps (and the last); metrics.jsonl records every step whatever N (resume and the curves read it).",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard scalars to <train.output_dir>/tensorboard.")
     wandb: Wandb = Field(default_factory=Wandb, description="Weights & Biases logging.")
     plots: bool = Field(True, description="Write loss / learning-rate curves as PNG into train.output_dir at the end.")

@@ -34,8 +34,20 @@ class MetricsLogger:
     """Writes step metrics on rank 0; a no-op elsewhere."""
 
     def __init__(self, output_dir: Path, *, enabled: bool, max_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, wandb: dict[str, Any] | None = None, show_progress: bool = True) -> None:
+                 tensorboard: bool = True, wandb: dict[str, Any] | None = None, log_every: int = 1,
+                 plots: bool = True, show_progress: bool = True) -> None:
+        """Args:
+            log_every: TensorBoard / W&B scalars, and the console line when there is no progress bar, every N steps
+                (and at max_steps); metrics.jsonl holds every step whatever N (resume and the curves read it).
+            plots: write loss.png (train/eval loss and lr) at the end of the run.
+            show_progress: a live progress bar (a terminal); without it, one console line per logged step.
+        """
+        if log_every < 1:
+            raise ValueError(f"log_every={log_every}: must be >= 1")
         self.enabled = enabled
+        self.log_every = log_every
+        self.plots = plots
+        self.max_steps = max_steps
         self.path = output_dir / "metrics.jsonl"
         self.output_dir = output_dir
         self.records: list[dict[str, Any]] = []
@@ -78,16 +90,22 @@ class MetricsLogger:
         self._file.flush()
         self.records.append(record)
         step = record["step"]
+        if self._progress is not None:
+            info = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                    f"tok/s {record.get('tokens_per_s', 0):.0f}")
+            self._progress.update(self._task, completed=step, info=info)
+        if step % self.log_every and step != self.max_steps:
+            return
+        if self._progress is None:
+            self.console.print(f"step {step}/{self.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.3e}  "
+                               f"grad_norm {record.get('grad_norm', float('nan')):.3g}  "
+                               f"tok/s {record.get('tokens_per_s', 0):.0f}", highlight=False, soft_wrap=True)
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(f"train/{k}", v, step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-        if self._progress is not None:
-            info = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                    f"tok/s {record.get('tokens_per_s', 0):.0f}")
-            self._progress.update(self._task, completed=step, info=info)
 
     def log_eval(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -112,7 +130,7 @@ class MetricsLogger:
             self._wandb.finish()
 
     def summary(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Print a summary table of the run and write loss.png. Returns the summary dict."""
+        """Print a summary table of the run and write loss.png (logging.plots). Returns the summary dict."""
         if not self.enabled:
             return {}
         steps = [r for r in read_metrics(self.path) if not r.get("eval")]
@@ -133,7 +151,8 @@ class MetricsLogger:
         for k, v in summ.items():
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         self.console.print(table)
-        plot_loss(steps, self.output_dir / "loss.png")
+        if self.plots:
+            plot_loss(steps, self.output_dir / "loss.png")
         return summ
 
 

@@ -92,7 +92,33 @@ def build_param_groups(model: nn.Module, *, lr: float, weight_decay: float,
     return groups
 
 
-def make_optimizer(groups: list[dict], *, betas: tuple[float, float] = (0.9, 0.95),
-                   eps: float = 1e-8) -> torch.optim.Optimizer:
-    """torch's AdamW (no DeepSpeed op build needed; works on CPU and with ZeRO offload)."""
-    return torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=False)
+def make_optimizer(groups: list[dict], *, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                   torch_adam: bool = True, offload_optimizer: bool = False,
+                   device_type: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) over ``groups``.
+
+    Args:
+        torch_adam: torch's AdamW (no DeepSpeed op to build; CPU, GPU and ZeRO offload). False selects DeepSpeed's
+            own Adam in AdamW mode: ``DeepSpeedCPUAdam`` with ``offload_optimizer`` (the step runs on the host), else
+            ``FusedAdam``, which needs CUDA. Both are C++/CUDA extensions DeepSpeed builds on first use.
+        offload_optimizer: ZeRO's optimizer states live in host memory (deepspeed.offload_optimizer=cpu).
+        device_type: where the parameters train (``cpu`` or ``cuda``).
+
+    Raises:
+        ValueError: torch_adam=False with neither offload nor CUDA (no DeepSpeed Adam can run there).
+    """
+    if torch_adam:
+        return torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=False)
+    if offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, betas=betas, eps=eps, adamw_mode=True)
+    if device_type != "cuda":
+        raise ValueError(
+            f"deepspeed.torch_adam=false selects DeepSpeed's FusedAdam, which needs CUDA, but the model trains on "
+            f"{device_type}; set deepspeed.torch_adam=true (torch's AdamW), or deepspeed.offload_optimizer=cpu for "
+            "DeepSpeedCPUAdam"
+        )
+    from deepspeed.ops.adam import FusedAdam
+
+    return FusedAdam(groups, betas=betas, eps=eps, adam_w_mode=True)

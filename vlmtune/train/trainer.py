@@ -119,6 +119,9 @@ def build_model(recipe: Recipe, dist: DistInfo) -> tuple[torch.nn.Module, torch.
         apply_rmpad(model, attention=m.attention)
         logger.info("rmpad: varlen forward installed, attention backend %s", rmpad_backend(model))
     gc = m.gradient_checkpointing
+    if gc.vision and not any(p.requires_grad for p in vlm.vision_tower.parameters()):
+        raise TrainError("model.gradient_checkpointing.vision is true but nothing in the vision tower trains (frozen, "
+                         "no LoRA target in it): it runs under no_grad; set model.gradient_checkpointing.vision: false")
     vlm.gradient_checkpointing_enable(decoder=gc.decoder, vision=gc.vision, every_k=gc.every_k)
     # Every rank runs the vision tower in every micro-step (a dummy image on text-only packs, contributing an
     # exact zero), decided by the world size alone: ZeRO-3 gathers its parameters collectively.
@@ -172,9 +175,14 @@ class RunState:
 def train(recipe: Recipe) -> dict[str, Any]:
     """Run a recipe to ``train.max_steps``. Returns the summary (rank 0; {} elsewhere)."""
     dist = init_distributed(recipe.launch.collective_timeout_s)
+    linear = torch.nn.functional.linear
     try:
         return _train(recipe, dist)
     finally:
+        # ZeRO-3 swaps torch.nn.functional.linear for its memory-efficient version process-wide ("persists unless
+        # manually reset"); it saves frozen weights for backward too. Put torch's back for whatever runs next in
+        # this process (export, evaluation, generation, another run).
+        torch.nn.functional.linear = linear
         cleanup()
 
 
@@ -235,7 +243,12 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
         balance=recipe.packing.balance_steps, image_processor=processor)
     groups = build_param_groups(model, lr=t.learning_rate, weight_decay=t.weight_decay,
                                 part_lr={"vision_tower": t.vision_lr, "multi_modal_projector": t.projector_lr})
-    optimizer = make_optimizer(groups, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    try:
+        optimizer = make_optimizer(groups, betas=tuple(t.adam_betas), eps=t.adam_eps, torch_adam=ds.torch_adam,
+                                   offload_optimizer=ds.offload_optimizer == "cpu",
+                                   device_type=torch.device(dist.device).type)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     ds_cfg = build_ds_config(
         zero_stage=ds.zero_stage, micro_batch_size=t.micro_batch_size, grad_accum=accum, world_size=world,
         precision=recipe.precision, grad_clip=t.grad_clip, offload_optimizer=ds.offload_optimizer,
@@ -264,6 +277,7 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
 
     metrics = MetricsLogger(out, enabled=dist.is_main, max_steps=t.max_steps, start_step=state.step,
                             tensorboard=recipe.logging.tensorboard, wandb=recipe.logging.wandb.model_dump(),
+                            log_every=recipe.logging.log_every, plots=recipe.logging.plots,
                             show_progress=sys.stderr.isatty() or os.environ.get("VLMTUNE_PROGRESS") == "1")
     aux_coef = vlm.config.text_config.aux_loss_alpha if t.aux_loss_coef is None else t.aux_loss_coef
     for _, moe in vlm.language_model.model.moe_layers():
