@@ -380,12 +380,13 @@ def test_synthetic_mix_is_exact_and_reproducible() -> None:
 
 
 @pytest.mark.slow
-def test_200k_samples_pack_in_under_20_seconds() -> None:
+def test_200k_samples_pack_near_the_lower_bound() -> None:
+    """200k samples, and the index's worst case. Times are printed, not asserted (speed lives in
+    benchmarks/packing.py); a quadratic regression would run into the suite's per-test timeout."""
     tok, pat = synthetic_vlm_lengths(200_000, seed=0)
     start = time.perf_counter()
     result = pack_best_fit(tok, pat, 4096, 12288)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 20.0
+    print(f"200k long-tailed samples packed in {time.perf_counter() - start:.2f} s")
     assert result.stats.packs_over_lower_bound <= 1.002
     # Worst case for the index: 100k packs share one token-room leaf (0.6 L items, then 0.4 L items).
     n = 200_000
@@ -393,5 +394,5 @@ def test_200k_samples_pack_in_under_20_seconds() -> None:
     pat = np.random.default_rng(0).integers(0, 6000, n)
     start = time.perf_counter()
     result = pack_best_fit(tok, pat, 4096, 12288)
-    assert time.perf_counter() - start < 20.0
+    print(f"worst case for the index (100k packs in one leaf) packed in {time.perf_counter() - start:.2f} s")
     assert result.stats.packs == result.stats.lower_bound_packs == n // 2
