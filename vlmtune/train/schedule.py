@@ -1,7 +1,10 @@
 """Learning-rate schedules: cosine, linear, constant and warmup-stable-decay (WSD), all with linear warmup.
 
 A schedule is a pure function of the step (0-based optimizer step about to be taken) returning a multiplier of the
-peak learning rate, so resuming needs no scheduler state beyond the step count::
+peak learning rate, so resuming needs no scheduler state beyond the step count. Warmup reaches the peak at its last
+step; the decay of S steps takes the points 1/(S+1) .. S/(S+1) of its curve, so every step learns: the floor
+min_lr_ratio is where the curve would go next, never a step's lr (a last step at lr 0, or a 1-step run that trains
+nothing, is what the other convention gives with min_lr_ratio 0)::
 
     mult
     1.0 |      ______________            wsd: warmup, stable at peak, decay over the last decay_fraction
@@ -54,10 +57,10 @@ def lr_multiplier(step: int, *, schedule: str, max_steps: int, warmup: int, min_
         start = max(warmup, max_steps - decay_steps)
         if step < start:
             return 1.0
-        progress = min(1.0, (step - start + 1) / max(1, max_steps - start))
+        progress = min(1.0, (step - start + 1) / (max(1, max_steps - start) + 1))
         return 1.0 - (1.0 - min_lr_ratio) * progress
     span = max(1, max_steps - warmup)
-    progress = min(1.0, max(0.0, (step - warmup + 1) / span))
+    progress = min(1.0, max(0.0, (step - warmup + 1) / (span + 1)))
     if schedule == "linear":
         return 1.0 - (1.0 - min_lr_ratio) * progress
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
