@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # ~2 minutes of training: `make test` runs it, `make test-fast` skips it
+
 STEPS = 100
 
 

@@ -81,6 +81,7 @@ def _checkpoints(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name != "latest")
 
 
+@pytest.mark.slow  # killed subprocess runs, 15-25 s
 def test_sigkill_after_half_resumes_exactly(assets: Assets, straight: Path, tmp_path: Path) -> None:
     _, path = _recipe(assets, tmp_path, 2, save_every=STEPS // 2)
     out = tmp_path / "run"
@@ -108,6 +109,7 @@ def test_sigkill_after_half_resumes_exactly(assets: Assets, straight: Path, tmp_
     assert _checkpoints(out) == ["step-00000003", "step-00000006"]
 
 
+@pytest.mark.slow  # killed subprocess runs, 15-25 s
 @pytest.mark.parametrize(("at", "stage"), [("engine", 2), ("finalize", 3)])
 def test_checkpoint_killed_mid_save_is_ignored(assets: Assets, uninterrupted, tmp_path: Path, at: str,
                                                stage: int) -> None:

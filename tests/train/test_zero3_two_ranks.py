@@ -33,7 +33,7 @@ from tests.train.conftest import (
     write_recipe,
 )
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # two processes, ~20 s
 
 STEPS = 4
 RATE = 1e-3  # train.router_bias_update_rate
