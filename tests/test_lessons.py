@@ -51,6 +51,7 @@ from tests.train.conftest import (
     run_in_process,
     write_recipe,
 )
+from tests.train.test_modes import initial_weights
 from vlmtune.config import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,22 +78,10 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     return Assets(model, train_file, pack_data(model, train_file, root / "packs"))
 
 
-def _initial_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The base model's tensors straight from its safetensors (published names)."""
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        out.update(load_file(shard))
-    assert out, f"no safetensors in {model_dir}"
-    return out
-
-
 def _zero3_weights(output_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(base weights by published name, LoRA (A, B) by module) of a ZeRO-3 trainer checkpoint, gathered to fp32.
 
-    Read with DeepSpeed's own gatherer rather than `vlmtune export`, because one case below trains a combination the
-    schema refuses (so the stored recipe does not validate)."""
+    Read with DeepSpeed's own gatherer, independent of `vlmtune export`'s reader."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from vlmtune.train.export import split_state
@@ -247,7 +236,7 @@ def test_zero3_checkpointing_with_frozen_parameters(assets: Assets, tmp_path: Pa
         assert abs(a["loss"] - b["loss"]) <= 1e-6 and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
     assert all(torch.equal(on["base"][k], off["base"][k]) for k in on["base"])
 
-    before = _initial_weights(assets.model)
+    before = initial_weights(assets.model)
     after = on["base"]
     assert sorted(after) == sorted(before)
     for name, w in before.items():
