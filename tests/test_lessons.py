@@ -46,6 +46,7 @@ from tests.train.conftest import (
     TRAIN_SAMPLES,
     Assets,
     build_tiny_model,
+    deepspeed_first_step_grads,
     make_recipe,
     pack_data,
     run_in_process,
@@ -90,20 +91,6 @@ def _zero3_weights(output_dir: Path, step: int) -> tuple[dict[str, torch.Tensor]
     with contextlib.redirect_stdout(io.StringIO()):
         state = get_fp32_state_dict_from_zero_checkpoint(str(engine), tag="state")
     return split_state(state)
-
-
-def _deepspeed_grads(output_dir: Path, step: int = 1) -> dict[str, torch.Tensor]:
-    """The gradients of a ZeRO-2 run's FIRST step by parameter name: AdamW's exp_avg = (1 - beta1) g after one step,
-    at the offset DeepSpeed records for each parameter in its flat fp32 partition."""
-    state_dir = output_dir / "checkpoints" / f"step-{step:08d}" / "engine" / "state"
-    optim = torch.load(state_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
-                       weights_only=False)["optimizer_state_dict"]
-    grads = {}
-    for group, mapping in enumerate(optim["param_slice_mappings"]):
-        exp_avg = optim["base_optimizer_state"]["state"][group]["exp_avg"]
-        for name, frag in mapping.items():
-            grads[name.removeprefix("model.")] = exp_avg[frag.start:frag.start + frag.numel] / (1 - BETAS[0])
-    return grads
 
 
 def _assert_grads_match(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
@@ -284,6 +271,18 @@ def test_lora_on_a_frozen_tower_may_be_checkpointed() -> None:
     assert recipe.model.gradient_checkpointing.vision is True and recipe.model.lora.targets[-1] == "fc1"
 
 
+def test_schema_knows_the_vision_towers_lora_targets() -> None:
+    """The schema's VISION_LORA_MODULES (it decides whether LoRA targets make a frozen tower trainable, without
+    building a model) are exactly the linear layers of MoonViT's blocks."""
+    from vlmtune.config.schema import VISION_LORA_MODULES
+    from vlmtune.models.kimi_vl import KimiVLForConditionalGeneration, kimi_vl_tiny
+
+    with torch.device("meta"):
+        vision = KimiVLForConditionalGeneration(kimi_vl_tiny()).vision_tower
+    linear = {name.rsplit(".", 1)[-1] for name, m in vision.named_modules() if isinstance(m, nn.Linear)}
+    assert VISION_LORA_MODULES == linear == set(VISION_TARGETS)
+
+
 def test_register_zero3_leaf_modules_marks_exactly_the_moe_blocks() -> None:
     """The ZeRO-3 leaf flag sits on every MoE block and on nothing else, also through a peft wrapper."""
     from peft import LoraConfig, get_peft_model
@@ -325,7 +324,7 @@ def aux_runs(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> dict[f
         (rec,) = run_in_process(recipe)
         out[coef] = {"ref_loss": ref.loss.item(), "ref_aux": ref.aux_loss.item(),
                      "ref_grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
-                     "record": rec, "grads": _deepspeed_grads(Path(recipe.train.output_dir))}
+                     "record": rec, "grads": deepspeed_first_step_grads(Path(recipe.train.output_dir), BETAS[0])}
     return out
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,3 +154,23 @@ def run_cli(args: list[str], timeout: float, launcher: list[str] | None = None) 
 def torchrun(nproc: int) -> list[str]:
     """The torchrun launcher of this interpreter's environment (standalone rendezvous, free port)."""
     return [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def deepspeed_optim_state(output_dir: Path, step: int) -> dict[str, Any]:
+    """The ``optimizer_state_dict`` of rank 0's partition in a one-rank ZeRO-1/2 trainer checkpoint of ``step``."""
+    path = (Path(output_dir) / "checkpoints" / f"step-{step:08d}" / "engine" / "state"
+            / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    return torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+
+
+def deepspeed_first_step_grads(output_dir: Path, beta1: float) -> dict[str, torch.Tensor]:
+    """The gradients of a one-rank ZeRO-1/2 run's FIRST step by parameter name (flat fp32): after one AdamW step
+    exp_avg = (1 - beta1) g, at the offset DeepSpeed records for each parameter in its flat partition (the step-1
+    checkpoint must exist)."""
+    state = deepspeed_optim_state(output_dir, 1)
+    grads: dict[str, torch.Tensor] = {}
+    for group, mapping in enumerate(state["param_slice_mappings"]):
+        exp_avg = state["base_optimizer_state"]["state"][group]["exp_avg"]
+        for key, frag in mapping.items():
+            grads[key.removeprefix("model.")] = exp_avg[frag.start:frag.start + frag.numel] / (1 - beta1)
+    return grads

@@ -24,7 +24,13 @@ import pytest
 import torch
 from torch import nn
 
-from tests.train.conftest import Assets, make_recipe, run_in_process
+from tests.train.conftest import (
+    Assets,
+    deepspeed_first_step_grads,
+    deepspeed_optim_state,
+    make_recipe,
+    run_in_process,
+)
 
 IGNORE_INDEX = -100
 # Independent of vlmtune.train.optim: the part of a Kimi-VL parameter, from its checkpoint name.
@@ -270,12 +276,6 @@ def lr_run(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> tuple[An
     return recipe, Path(recipe.train.output_dir)
 
 
-def _optim_state(run_dir: Path, step: int) -> dict[str, Any]:
-    path = (run_dir / "checkpoints" / f"step-{step:08d}" / "engine" / "state"
-            / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-
-
 def _groups_by_name(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Published parameter name -> the hyperparameters of the AdamW group DeepSpeed stepped it in."""
     groups = state["base_optimizer_state"]["param_groups"]
@@ -301,7 +301,7 @@ def test_part_learning_rates_follow_the_schedule(assets: Assets, lr_run: tuple[A
     names = sorted(initial_weights(assets.model))
     params = [n for n in names if not ROUTER_BIAS.match(n)]  # the correction bias is a buffer
     for step, mult in enumerate(mults, start=1):
-        groups = _groups_by_name(_optim_state(run_dir, step))
+        groups = _groups_by_name(deepspeed_optim_state(run_dir, step))
         assert sorted(groups) == params  # nothing frozen: every parameter, each in one group
         seen = set()
         for name, g in groups.items():
@@ -340,7 +340,7 @@ def test_weight_decay_only_on_matrices(assets: Assets, lr_run: tuple[Any, Path])
     gradients (exp_avg = (1 - beta1) g after one step), where the decay term is 30x the tolerance or more."""
     _, run_dir = lr_run
     before = initial_weights(assets.model)
-    state = _optim_state(run_dir, 1)
+    state = deepspeed_optim_state(run_dir, 1)
     groups = _groups_by_name(state)
     for name in NO_DECAY_NAMED:
         assert groups[name]["weight_decay"] == 0.0, name
@@ -350,13 +350,7 @@ def test_weight_decay_only_on_matrices(assets: Assets, lr_run: tuple[Any, Path])
     assert no_decay == sorted([n for n in groups if before[n].dim() == 1] + ["vision_tower.patch_embed.pos_emb.weight"])
     assert all(groups[n]["weight_decay"] == WD for n in groups if n not in no_decay)
 
-    # DeepSpeed's gradients: exp_avg of each flat fp32 group partition at the parameter's recorded offset.
-    grads: dict[str, torch.Tensor] = {}
-    for g, mapping in enumerate(state["param_slice_mappings"]):
-        exp_avg = state["base_optimizer_state"]["state"][g]["exp_avg"]
-        for key, frag in mapping.items():
-            name = key.removeprefix("model.")
-            grads[name] = (exp_avg[frag.start:frag.start + frag.numel] / (1 - BETAS[0])).view_as(before[name])
+    grads = {n: g.view_as(before[n]) for n, g in deepspeed_first_step_grads(run_dir, BETAS[0]).items()}
     after = checkpoint_weights(run_dir / "checkpoints" / "step-00000001")
     tol = 1e-7  # measured: 7.5e-9 at most
     visible = set()  # where a wrong weight_decay (0 <-> WD) would move the weight by 30x tol or more

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.conftest import Assets, make_recipe, run_in_process
+from tests.train.conftest import Assets, deepspeed_first_step_grads, make_recipe, run_in_process
 
 LR, BETAS, EPS = 1e-3, (0.9, 0.95), 1e-8
 
@@ -68,24 +68,18 @@ def test_step_equals_plain_pytorch(assets: Assets, reference: dict, tmp_path: Pa
 
     # Every gradient element: ZeRO-2's AdamW state after one step holds exp_avg = (1 - beta1) * g in flat fp32
     # partitions, one per param group, each parameter at the offset DeepSpeed records in param_slice_mappings.
-    state_dir = out / "checkpoints" / "step-00000001" / "engine" / "state"
-    optim = torch.load(state_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
-                       weights_only=False)["optimizer_state_dict"]
     ds_grads = {}
-    for group, mapping in enumerate(optim["param_slice_mappings"]):
-        exp_avg = optim["base_optimizer_state"]["state"][group]["exp_avg"]
-        for name, frag in mapping.items():
-            name = name.removeprefix("model.")  # the LossForward adapter's prefix
-            g = exp_avg[frag.start:frag.start + frag.numel] / (1 - BETAS[0])
-            ref = reference["grads"][name].flatten()
-            assert (g - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12, name
-            ds_grads[name] = g.view_as(reference["grads"][name])
+    for name, g in deepspeed_first_step_grads(out, BETAS[0]).items():
+        ref = reference["grads"][name].flatten()
+        assert (g - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12, name
+        ds_grads[name] = g.view_as(reference["grads"][name])
     assert sorted(ds_grads) == sorted(reference["grads"])
 
     # The weights after the step. (1) Where |g| >> eps (1e-8) AdamW's first step is lr * g / |g|: equal to the
     # reference's to float32 rounding. (2) Everywhere: equal to torch.optim.AdamW applied to the initial weights with
     # DeepSpeed's own gradients (where |g| is near eps, lr * g / (|g| + eps) turns the float32 noise of a 1e-10
     # gradient into up to 4% of lr, so those elements are compared on the same gradient).
+    state_dir = out / "checkpoints" / "step-00000001" / "engine" / "state"
     states = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     got = {k.removeprefix("model."): v for k, v in states.items()}
     want = reference["weights"]
