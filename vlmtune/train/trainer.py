@@ -246,7 +246,7 @@ def _train(recipe: Recipe, dist: DistInfo) -> dict[str, Any]:
     try:
         optimizer = make_optimizer(groups, betas=tuple(t.adam_betas), eps=t.adam_eps, torch_adam=ds.torch_adam,
                                    offload_optimizer=ds.offload_optimizer == "cpu",
-                                   device_type=torch.device(dist.device).type)
+                                   device_type=dist.device.type)
     except ValueError as e:
         raise TrainError(str(e)) from None
     ds_cfg = build_ds_config(
