@@ -190,11 +190,12 @@ def token_distribution(samples: Iterable[tuple[int, Sequence[tuple[int, int]]]],
         samples: (LM tokens of the sample, image tokens included; (h, w) patch grid of each of its images).
         merge_kernel_size: (kh, kw) of the patch merger: an image of h x w patches is (h // kh) * (w // kw) tokens.
     """
-    kh, kw = merge_kernel_size
+    from vlmtune.models.kimi_vl.image_processing import grid_tokens
+
     per_sample, per_image, images = [], [], []
     for tokens, grids in samples:
         per_sample.append(int(tokens))
-        per_image += [(int(h) // kh) * (int(w) // kw) for h, w in grids]
+        per_image += [grid_tokens(g, merge_kernel_size) for g in grids]
         images.append(len(grids))
     image_tokens = sum(per_image)
     return {"tokens_per_sample": _summary(per_sample), "tokens_per_image": _summary(per_image),

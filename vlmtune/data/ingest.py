@@ -202,9 +202,9 @@ class SampleMeasurer:
     def tokenize(self, sample: ParsedSample, location: int, grids: list[tuple[int, int]]) -> Measured:
         """Chat template of a parsed sample whose image grids are known."""
         from vlmtune.data.chat_template import ChatTemplateError, apply_chat_template
+        from vlmtune.models.kimi_vl.image_processing import grid_tokens
 
-        kh, kw = self.processor.merge_kernel_size
-        counts = [(h // kh) * (w // kw) for h, w in grids]
+        counts = [grid_tokens(g, self.processor.merge_kernel_size) for g in grids]
         try:
             out = apply_chat_template(sample.messages, self.tokenizer, counts)
         except ChatTemplateError as err:  # formats.parse_item checks the same rules first; kept as a guard

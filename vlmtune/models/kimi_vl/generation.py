@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .attention import KimiVLAttention, compute_dtype
+from .image_processing import grid_tokens
 
 
 class GenerationError(ValueError):
@@ -351,8 +352,7 @@ def build_prompt(tokenizer: Any, processor: Any, messages_or_prompt: str | Seque
     if pil:
         vision = processor(pil)
         pixel_values, grids = vision["pixel_values"], vision["image_grid_hws"]  # (P, 3, 14, 14), (I, 2)
-        kh, kw = processor.merge_kernel_size
-        counts = [int(h) // kh * (int(w) // kw) for h, w in grids.tolist()]
+        counts = [grid_tokens(g, processor.merge_kernel_size) for g in grids.tolist()]
     else:
         pixel_values, grids, counts = None, None, []
     templated = apply_chat_template(messages, tokenizer, counts, add_generation_prompt=True)

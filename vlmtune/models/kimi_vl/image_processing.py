@@ -82,6 +82,13 @@ class ImageGeometry:
         return self.grid_hw[0] * self.grid_hw[1]
 
 
+def grid_tokens(grid_hw: Sequence[int], merge_kernel_size: Sequence[int]) -> int:
+    """LM placeholder tokens of an image of ``(h, w)`` patches: the patch merger makes (h / kh) * (w / kw) of them."""
+    h, w = (int(x) for x in grid_hw)
+    kh, kw = merge_kernel_size
+    return (h // kh) * (w // kw)
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -272,9 +279,7 @@ class KimiVLImageProcessor:
 
     def num_image_tokens(self, width: int, height: int) -> int:
         """LM placeholder tokens of a ``width x height`` image: (h / kh) * (w / kw), e.g. 1024x1024 -> 1089."""
-        h, w = self.grid_hw(width, height)
-        kh, kw = self.merge_kernel_size
-        return (h // kh) * (w // kw)
+        return grid_tokens(self.grid_hw(width, height), self.merge_kernel_size)
 
     # ---------------------------------------------------------------------------------------------- pixels
     def process_image(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
